@@ -1,0 +1,27 @@
+"""gravity_sparse: structured sparsity for gravity-attention language models.
+
+measure (locality field) → solve (QUBO + simulated annealing) → apply (block-sparse kernel) → heal (LoRA)
+→ export (pruned checkpoint) → bench → report.
+"""
+
+import os
+
+# Nothing is ever fetched from a hub: set before transformers is imported anywhere in the package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from .configuration_gravity import GravityConfig  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .io import DEFAULT_MODEL, load_model, save_model  # noqa: E402
+from .modeling_gravity import GravityForCausalLM  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "GravityConfig",
+    "GravityForCausalLM",
+    "UserError",
+    "__version__",
+    "load_model",
+    "save_model",
+]
