@@ -99,7 +99,13 @@ def _register_all() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # overrides may come before or after options: `run p.yaml --force solve.density=0.2`
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = getattr(args, "debug", False)
     try:
         _quiet_libraries()

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from . import pipeline_run  # noqa: F401  (registers the stage commands and `run`)
 from .cli import add_config_arguments, command, emit
 from .config import config_to_dict, load_config
 from .errors import UserError

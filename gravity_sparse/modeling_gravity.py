@@ -206,8 +206,9 @@ class GravityAttention(nn.Module):
             torch.tensor(config.head_groups(layer_idx), dtype=torch.long),
             persistent=False,
         )
-        self.gravity_head_keep: torch.Tensor | None = None
-        self.gravity_block_mask: torch.Tensor | None = None
+        # attributes or buffers: None on a dense model, stored buffers on a sparse one
+        self.register_buffer("gravity_head_keep", None)
+        self.register_buffer("gravity_block_mask", None)
         if config.gravity_block_size is not None:
             nb = -(-int(config.gravity_max_length) // int(config.gravity_block_size))
             self.register_buffer("gravity_head_keep", torch.ones(self.num_heads, dtype=torch.bool))
@@ -225,12 +226,7 @@ class GravityAttention(nn.Module):
                         f"layer {self.layer_idx}: {name} has {value.shape[0]} heads, layer has {self.num_heads}"
                     )
                 value = value.to(device=device, dtype=torch.bool)
-            if name in self._buffers:
-                del self._buffers[name]
-            if value is None:
-                setattr(self, name, None)
-            else:
-                self.register_buffer(name, value)
+            self.register_buffer(name, value)
 
     def forward(
         self,
@@ -241,18 +237,20 @@ class GravityAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = (
-            self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        )  # (B, Hq, S, D)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, S, D)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        # explicit head counts (not -1): a pruned layer may have zero heads
+        q_shape = (*input_shape, self.num_heads, self.head_dim)
+        kv_shape = (*input_shape, self.num_key_value_heads, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(q_shape).transpose(1, 2)  # (B, Hq, S, D)
+        key_states = self.k_proj(hidden_states).view(kv_shape).transpose(1, 2)  # (B, Hkv, S, D)
+        value_states = self.v_proj(hidden_states).view(kv_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
         if past_key_values is not None:
-            key_states, value_states = past_key_values.update(
-                key_states, value_states, self.layer_idx
-            )
+            # also for an empty layer, so the cache keeps counting this layer's length
+            kv = past_key_values.update(key_states, value_states, self.layer_idx)
+            key_states, value_states = kv
+        if self.num_heads == 0:
+            return torch.zeros_like(hidden_states), None
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, gravity_attention_forward
         )

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import torch
 
+from .apply import ApplyConfig
+from .bench import BenchConfig
 from .errors import UserError
+from .export import ExportConfig
+from .heal import HealConfig
+from .measure import MeasureConfig
+from .qubo.stage import SolveConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,6 +60,30 @@ class PipelineConfig:
     )
     seed: int = field(default=0, metadata={"help": "seed for everything random"})
     model: ModelConfig = field(default_factory=ModelConfig)
+    calibration_text: str = field(
+        default="calibration",
+        metadata={"help": "text measure runs: a corpus split name or a UTF-8 text file"},
+    )
+    masks: str = field(
+        default="qubo",
+        metadata={
+            "help": "pattern heal/export/bench use: qubo or a baseline (greedy, window, ...)"
+        },
+    )
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    solve: SolveConfig = field(default_factory=SolveConfig)
+    apply: ApplyConfig = field(default_factory=ApplyConfig)
+    heal: HealConfig = field(default_factory=HealConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("apply", "heal"):
+            if getattr(self, name).seq_len > self.measure.seq_len:
+                raise UserError(
+                    f"{name}.seq_len {getattr(self, name).seq_len} is longer than measure.seq_len "
+                    f"{self.measure.seq_len} (the masks cover measure.seq_len tokens)"
+                )
 
     def run_path(self) -> Path:
         return Path(self.run_dir)

@@ -79,6 +79,8 @@ def git_revision() -> str | None:
 def hash_path(path: str | Path) -> str:
     """sha256 of a file, or of a folder's files (names and contents, sorted); a stage folder hashes its
     meta.json content hash, which already covers what it wrote."""
+    if isinstance(path, str) and path.startswith("sha256:"):
+        return path  # already a digest (e.g. of a corpus split's text)
     p = Path(path)
     h = hashlib.sha256()
     if p.is_file():

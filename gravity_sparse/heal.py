@@ -1,0 +1,249 @@
+"""heal: a brief LoRA fine-tune of the sparse model, sparse attention active in forward and backward.
+
+peft LoRA on every linear projection (explicit `target_modules`), the gravity masses trained too (they are
+plain parameters, saved beside the adapter as `gravity_mass_log.safetensors` because peft saves only adapter
+weights). Driven by transformers `Trainer`, so `accelerate launch` / `torchrun` run it on several GPUs
+unchanged. Brief by design: a token budget sets the number of steps; the heal split is divided into a train
+part and a validation part used for early stopping (the best validation state is kept); the held-out text is
+only evaluated, before and after. LoRA is merged into the weights at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from .data import BlockDataset, eval_loss, resolve_text, to_ids
+from .errors import UserError
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class HealConfig:
+    text: str = field(default="heal", metadata={"help": "corpus split or text file to heal on"})
+    eval_text: str = field(default="heldout", metadata={"help": "held-out text, evaluated only"})
+    token_budget: int = field(
+        default=400_000, metadata={"help": "training tokens (steps = budget / (batch · seq_len))"}
+    )
+    seq_len: int = field(default=512, metadata={"help": "training window, ≤ the masks' max_length"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per step"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (LoRA and masses)"})
+    warmup_fraction: float = field(default=0.05, metadata={"help": "linear warm-up share of steps"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    train_masses: bool = field(default=True, metadata={"help": "train gravity_mass_log too"})
+    val_fraction: float = field(
+        default=0.15, metadata={"help": "share of the heal text held back for early stopping"}
+    )
+    eval_every: int = field(default=10, metadata={"help": "validate every N steps"})
+    patience: int = field(default=3, metadata={"help": "stop after N validations without gain"})
+    eval_max_tokens: int | None = field(
+        default=None, metadata={"help": "limit the held-out evaluation to N tokens (null = all)"}
+    )
+    eval_batch_size: int = field(default=4, metadata={"help": "windows per evaluation pass"})
+
+    def __post_init__(self) -> None:
+        if self.token_budget <= 0:
+            raise UserError(f"heal.token_budget must be positive, got {self.token_budget}")
+        if self.token_budget < self.batch_size * self.seq_len:
+            raise UserError(
+                f"heal.token_budget {self.token_budget} is less than one step "
+                f"({self.batch_size} × {self.seq_len} tokens)"
+            )
+        if not 0.0 < self.val_fraction < 0.5:
+            raise UserError("heal.val_fraction must be in (0, 0.5)")
+        if self.lora_r < 1 or self.eval_every < 1 or self.patience < 1:
+            raise UserError("heal.lora_r, heal.eval_every and heal.patience must be positive")
+
+    @property
+    def max_steps(self) -> int:
+        return max(1, self.token_budget // (self.batch_size * self.seq_len))
+
+
+class KeepBest(TrainerCallback):
+    """Early stopping on the validation loss that keeps the best trainable state (LoRA + masses)."""
+
+    def __init__(self, model: torch.nn.Module, patience: int):
+        self.model, self.patience = model, patience
+        self.best = math.inf
+        self.best_step = 0
+        self.bad = 0
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return control
+        if loss < self.best - 1e-5:
+            self.best, self.best_step, self.bad = loss, state.global_step, 0
+            self.state = {
+                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+            }
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                control.should_training_stop = True
+        return control
+
+    def restore(self) -> None:
+        if self.state is None:
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in self.state.items():
+                params[n].copy_(t)
+
+
+class ProgressBar(TrainerCallback):
+    """A tqdm bar on stderr with the latest train and validation loss."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc="heal", file=sys.stderr, dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        shown = {k: round(v, 4) for k, v in (logs or {}).items() if k in ("loss", "eval_loss")}
+        if shown:
+            self.bar.set_postfix(shown)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+
+
+def split_heal_text(
+    ids: torch.Tensor, val_fraction: float, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and validation token streams: the last `val_fraction` of the heal text validates."""
+    cut = int(ids.numel() * (1.0 - val_fraction))
+    train, val = ids[:cut], ids[cut:]
+    if train.numel() < seq_len + 1 or val.numel() < seq_len + 1:
+        raise UserError(
+            f"heal text of {ids.numel()} tokens is too short for seq_len {seq_len} "
+            f"with a {val_fraction:.0%} validation part"
+        )
+    return train, val
+
+
+def heal_model(
+    model: torch.nn.Module, cfg: HealConfig, scratch: Path, seed: int = 0
+) -> tuple[Any, dict[str, Any]]:
+    """LoRA-heal `model` (masks already attached). Returns (peft model, unmerged; a record of training)."""
+    from peft import LoraConfig, get_peft_model
+
+    ids = to_ids(resolve_text(cfg.text))
+    train_ids, val_ids = split_heal_text(ids, cfg.val_fraction, cfg.seq_len)
+    train_set, val_set = BlockDataset(train_ids, cfg.seq_len), BlockDataset(val_ids, cfg.seq_len)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=LORA_TARGETS,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    if cfg.train_masses:
+        for attn in model.gravity_layers():
+            attn.gravity_mass_log.requires_grad_(True)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    args = TrainingArguments(
+        output_dir=str(scratch),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, int(cfg.warmup_fraction * cfg.max_steps)),
+        weight_decay=0.0,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_every,
+        logging_steps=max(1, min(cfg.eval_every, 5)),
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,  # its bars and log dicts go to stdout; ours goes to stderr
+    )
+    keep = KeepBest(peft_model, cfg.patience)
+    trainer = Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        callbacks=[keep, ProgressBar()],
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+    trainer.train()
+    final_val = trainer.evaluate()["eval_loss"]
+    if final_val > keep.best:
+        keep.restore()
+    record = {
+        "steps_run": trainer.state.global_step,
+        "max_steps": cfg.max_steps,
+        "tokens_seen": trainer.state.global_step * cfg.batch_size * cfg.seq_len,
+        "trainable_parameters": trainable,
+        "best_val_loss": min(keep.best, final_val),
+        "best_step": keep.best_step if keep.best <= final_val else trainer.state.global_step,
+        "stopped_early": trainer.state.global_step < cfg.max_steps,
+        "log_history": trainer.state.log_history,
+    }
+    return peft_model, record
+
+
+def save_adapter(peft_model: Any, out: Path) -> None:
+    """The LoRA adapter (peft format) and the trained masses beside it."""
+    peft_model.save_pretrained(out)
+    base = peft_model.get_base_model()
+    masses = {
+        f"model.layers.{i}.self_attn.gravity_mass_log": a.gravity_mass_log.detach()
+        .cpu()
+        .contiguous()
+        for i, a in enumerate(base.gravity_layers())
+    }
+    save_file(masses, out / "gravity_mass_log.safetensors")
+
+
+def held_out_loss(model: torch.nn.Module, cfg: HealConfig) -> float:
+    ids = to_ids(resolve_text(cfg.eval_text))
+    return eval_loss(model, ids, cfg.seq_len, cfg.eval_batch_size, cfg.eval_max_tokens)[0]
+
+
+def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    val = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train (heal split)")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation (heal split)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("LoRA healing of the sparse model")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_record(record: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(record, indent=2, default=float) + "\n")
