@@ -1,0 +1,196 @@
+"""Triton gravity-attention decode: a few query tokens against a long KV cache, block-sparse, split-KV.
+
+q (B, Hq, T, D) are the last T of Sk positions; k, v (B, Hkv, Sk, D). One program per
+(split, KV head, batch) packs every kept query head of the KV head × the T tokens into one row tile
+(R = G·T rows), so each K/V tile is read once per group, not once per query head. It walks the union
+of the group's kept key blocks (`BlockIndex.dec_idx`), cut into contiguous chunks across programs
+(split-KV) so that a long cache fills the GPU even at batch 1; each row still applies its own head's
+block-mask row and the causal limit. A second small kernel merges the splits (normalised partial
+outputs + base-2 log-sum-exps) and scatters the rows to (B, Hq, T, D).
+
+Numerics as in `triton_gravity`, except the centring vector: the mean of the group's query rows,
+computed in the kernel (exact for the distance, and it avoids a second pass over the cache). Per-call
+host work is a few allocations: no synchronisation, so the step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_index import BlockIndex
+from .triton_gravity import _block_d, _precision
+
+MIN_BLOCKS_PER_SPLIT = 4
+
+
+@triton.jit
+def _rows_of_group(GROUPS, kvh, s_grp, T, GROUP_WIDTH, Q_OFF, ROWS: tl.constexpr):
+    """Row r of a group tile is (slot r // T, token r % T): its head (or -1), token and position."""
+    r = tl.arange(0, ROWS)
+    g = r // T
+    t = r % T
+    h = tl.load(GROUPS + kvh * s_grp + g, mask=g < GROUP_WIDTH, other=-1)
+    return r, h, t, Q_OFF + t
+
+
+@triton.jit
+def _gravity_decode_kernel(
+    Q, K, V, MASS_LOG, MASK, GROUPS, DEC_NUM, DEC_IDX, O_PART, L_PART,
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
+    smh, smq, s_grp, s_dec, sob, soh, sos, sor, slb, slh, sls,
+    T, SK, D, Q_OFF, GROUP_WIDTH, PER_SPLIT, eps,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    split = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    LOW = Q.dtype.element_ty
+    r, h, t, pos = _rows_of_group(GROUPS, kvh, s_grp, T, GROUP_WIDTH, Q_OFF, ROWS)
+    row_ok = h >= 0
+    h_safe = tl.where(row_ok, h, 0)
+    qb = pos // BLOCK
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+    q = tl.load(Q + b * sqb + h_safe[:, None] * sqh + t[:, None] * sqs + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok, other=0.0).to(tl.float32)  # fmt: skip
+    center = tl.sum(q, 0) / tl.maximum(tl.sum(row_ok.to(tl.float32), 0), 1.0)
+    qc = (q - center[None, :]).to(LOW)
+    qf = qc.to(tl.float32)
+    qn = tl.sum(qf * qf, 1)
+    x = tl.load(MASS_LOG + h_safe, mask=row_ok, other=0.0).to(tl.float32)
+    mass = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # softplus
+    mass2 = mass * mass * 1.4426950408889634  # base-2 score scale
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    mask_base = MASK + h_safe * smh + qb * smq
+
+    m_i = tl.zeros([ROWS], dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    start = split * PER_SPLIT
+    end = tl.minimum(start + PER_SPLIT, tl.load(DEC_NUM + kvh))
+    for j in range(start, end):
+        kb = tl.load(DEC_IDX + kvh * s_dec + j)
+        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+        col_ok = offs_n < SK
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok, other=0.0)  # fmt: skip
+        kc = (k.to(tl.float32) - center[None, :]).to(LOW)
+        kf = kc.to(tl.float32)
+        kn = tl.sum(kf * kf, 1)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok, other=0.0)  # fmt: skip
+        qk = tl.dot(qc, tl.trans(kc), input_precision=PRECISION)
+        d2 = tl.maximum(qn[:, None] + kn[None, :] - 2.0 * qk, 0.0)
+        s = mass2[:, None] / (d2 + eps)
+        row_sees = tl.load(mask_base + kb, mask=row_ok, other=0) != 0  # the row's head keeps kb
+        allowed = row_sees[:, None] & (offs_n[None, :] <= pos[:, None]) & col_ok[None, :]
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(LOW), v, input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    o_ptr = O_PART + b * sob + kvh * soh + split * sos + r[:, None] * sor + offs_d[None, :]
+    tl.store(o_ptr, acc / l_safe[:, None], mask=d_ok)
+    # an empty split gets a finite, very negative weight: it vanishes in the merge without NaNs
+    lse = tl.where(seen, m_i + tl.log2(l_safe), -1.0e30)
+    tl.store(L_PART + b * slb + kvh * slh + split * sls + r, lse)
+
+
+@triton.jit
+def _gravity_decode_merge_kernel(
+    O_PART, L_PART, OUT, GROUPS,
+    sob, soh, sos, sor, slb, slh, sls, s_outb, s_outh, s_outs, s_grp,
+    T, D, GROUP_WIDTH, NUM_SPLITS,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Weighted sum of the splits of one (KV head, batch), written to each row's (head, token)."""
+    kvh = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    r, h, t, _ = _rows_of_group(GROUPS, kvh, s_grp, T, GROUP_WIDTH, 0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+    m = tl.full([ROWS], -1.0e30, dtype=tl.float32)
+    w_sum = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for sp in range(0, NUM_SPLITS):
+        lse = tl.load(L_PART + b * slb + kvh * slh + sp * sls + r)
+        o = tl.load(O_PART + b * sob + kvh * soh + sp * sos + r[:, None] * sor + offs_d[None, :],
+                    mask=d_ok, other=0.0)  # fmt: skip
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        w_sum = w_sum * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m = m_new
+    out = acc / w_sum[:, None]
+    row_ok = h >= 0
+    out_ptr = OUT + b * s_outb + tl.where(row_ok, h, 0)[:, None] * s_outh
+    out_ptr += t[:, None] * s_outs + offs_d[None, :]
+    tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+
+
+def choose_splits(index: BlockIndex, batch: int, num_kv_heads: int, device: torch.device) -> int:
+    """Split-KV factor: enough programs to fill the GPU, at least MIN_BLOCKS_PER_SPLIT blocks each."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 1
+    wanted = -(-2 * sms // max(batch * num_kv_heads, 1))
+    return max(1, min(wanted, -(-index.dec_longest // MIN_BLOCKS_PER_SPLIT)))
+
+
+def gravity_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mass_log: torch.Tensor,
+    kv_groups: torch.Tensor,
+    index: BlockIndex,
+    eps: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Decode forward (no autograd): out (B, Hq, T, D) in q's dtype; dropped heads output zero.
+
+    kv_groups is not read: the group table of the index already maps KV heads to their query heads.
+    """
+    bsz, hq, t, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.zeros_like(q)
+    if index.heads.numel() == 0 or index.dec_longest == 0:
+        return out
+    table = index.group_table
+    width = table.shape[1]
+    rows = max(16, triton.next_power_of_2(width * t))
+    splits = min(num_splits or choose_splits(index, bsz, hkv, q.device), index.dec_longest)
+    per_split = -(-index.dec_longest // splits)
+    mask = index.mask.view(torch.int8)  # same bytes as the bool mask, no copy
+    o_part = torch.empty(bsz, hkv, splits, rows, d, device=q.device, dtype=torch.float32)
+    l_part = torch.empty(bsz, hkv, splits, rows, device=q.device, dtype=torch.float32)
+    block_d = _block_d(d)
+    _gravity_decode_kernel[(splits, hkv, bsz)](
+        q, k, v, mass_log, mask, table, index.dec_num, index.dec_idx, o_part, l_part,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        mask.stride(0), mask.stride(1), table.stride(0), index.dec_idx.stride(0),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+        l_part.stride(0), l_part.stride(1), l_part.stride(2),
+        t, sk, d, sk - t, width, per_split, float(eps),
+        ROWS=rows, BLOCK=index.block_size, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+    )  # fmt: skip
+    _gravity_decode_merge_kernel[(hkv, bsz)](
+        o_part, l_part, out, table,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+        l_part.stride(0), l_part.stride(1), l_part.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), table.stride(0),
+        t, d, width, splits, ROWS=rows, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,137 @@
+"""End to end on CPU: measure → solve → apply → heal → export → bench → report, caching, bad input."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_model
+from safetensors.torch import load_file
+
+from gravity_sparse import save_model
+from gravity_sparse.cli import main
+from gravity_sparse.tokenizer import build_tokenizer
+
+STAGES = ["measure", "solve", "apply", "heal", "export", "bench", "report"]
+
+
+@pytest.fixture(scope="module")
+def run_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    model_dir = save_model(tiny_model(seed=5), build_tokenizer(), root / "model")
+    cfg = {
+        "run_dir": str(root / "run"),
+        "model": {"path": str(model_dir), "device": "cpu"},
+        "measure": {"seq_len": 128, "block_size": 32, "num_sequences": 4, "ablation_sequences": 2},
+        "solve": {"density": 0.5, "head_drop": 0.25, "num_sweeps": 200},
+        "apply": {"seq_len": 128, "max_tokens": 1024},
+        "heal": {
+            "seq_len": 128,
+            "batch_size": 4,
+            "token_budget": 4 * 128 * 4,
+            "eval_every": 2,
+            "eval_max_tokens": 1024,
+            "lr": 0.005,
+        },
+        "export": {"dir": str(root / "exported"), "parity_len": 96},
+        "bench": {"prefill_lengths": [64], "decode_context": 32, "decode_tokens": 4, "repeats": 1},
+    }
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return root, path
+
+
+def _run(capsys, *argv):
+    rc = main(list(argv))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_full_pipeline_then_reload_in_plain_transformers(run_setup, capsys):
+    root, pipeline = run_setup
+    rc, out, err = _run(capsys, "run", str(pipeline))
+    assert rc == 0, err[-2000:]
+    assert [line.split()[0] for line in out.strip().splitlines()] == STAGES
+    run = root / "run"
+    export = json.loads((run / "05_export" / "export.json").read_text())
+    # the change is visible first: the pruned model is not the dense one
+    assert export["pruned_differs_from_dense_max_abs"] > 1e-3
+    assert export["parity_ok"] and export["parity_plain_transformers_max_abs_diff"] <= 1e-4
+    masks = load_file(run / "02_solve" / "masks.safetensors")
+    assert int(masks["head_keep"].sum()) == 6  # head_drop 0.25 of 8 heads, exactly
+    config = json.loads((root / "exported" / "config.json").read_text())
+    assert sum(config["num_attention_heads_per_layer"]) == 6
+    assert config["gravity_sparsity"]["density"] == pytest.approx(0.5, abs=1e-6)
+
+    heal = json.loads((run / "04_heal" / "heal.json").read_text())
+    assert heal["heldout_after"] < heal["heldout_before"]
+    trained = load_file(run / "04_heal" / "adapter" / "gravity_mass_log.safetensors")
+    start = tiny_model(seed=5).gravity_layers()[0].gravity_mass_log.detach()
+    assert not torch.allclose(trained["model.layers.0.self_attn.gravity_mass_log"], start)
+    assert (run / "07_report" / "report.md").read_text().count("##") >= 6
+
+    # the exported folder, in a Python that cannot import gravity_sparse
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["gravity_sparse"] = None
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        d = {str(root / "exported")!r}
+        m = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
+        tok = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
+        ids = tok("def f(x):", return_tensors="pt").input_ids
+        g = m.generate(ids, max_new_tokens=20, do_sample=False)
+        g2 = m.generate(ids, max_new_tokens=20, do_sample=False, use_cache=False)
+        assert torch.equal(g, g2)
+        print("OK", g.shape[1])
+    """)
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(root / "modules"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "OK" in proc.stdout.split()
+
+
+def test_rerun_is_cached_and_density_change_redoes_downstream(run_setup, capsys):
+    root, pipeline = run_setup
+    if not (root / "run" / "07_report").exists():
+        pytest.skip("needs the full pipeline run of the previous test")
+    rc, out, _ = _run(capsys, "run", str(pipeline))
+    assert rc == 0 and out.count("[cached]") == len(STAGES)
+    rc, out, err = _run(capsys, "run", str(pipeline), "solve.density=0.6", "--overwrite")
+    assert rc == 0, err[-2000:]
+    status = {line.split()[0]: "[cached]" in line for line in out.strip().splitlines()}
+    assert status == {s: s == "measure" for s in STAGES}
+
+
+def test_export_dir_exists_is_refused(run_setup, capsys):
+    root, pipeline = run_setup
+    if not (root / "exported").exists():
+        pytest.skip("needs the full pipeline run")
+    rc, _, err = _run(capsys, "export", "-c", str(pipeline))
+    assert rc == 2 and "already exists" in err and err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("heal.token_budget=0", "heal.token_budget must be positive"),
+        ("solve.density=1.5", "solve.density must be in (0, 1]"),
+        ("apply.seq_len=4096", "apply.seq_len 4096 is longer than measure.seq_len"),
+    ],
+)
+def test_bad_config_one_line(run_setup, capsys, override, message):
+    _, pipeline = run_setup
+    rc, _, err = _run(capsys, "validate", "-c", str(pipeline), override)
+    assert rc == 2 and message in err and err.strip().count("\n") == 0
+
+
+def test_masks_from_another_model_shape(run_setup, capsys, tmp_path):
+    root, pipeline = run_setup
+    if not (root / "run" / "02_solve").exists():
+        pytest.skip("needs the full pipeline run")
+    other = save_model(tiny_model(num_hidden_layers=3), build_tokenizer(), tmp_path / "other")
+    rc, _, err = _run(capsys, "apply", "-c", str(pipeline), f"model.path={other}")
+    assert rc == 2 and "masks are for a model of 2 layers" in err
