@@ -1,4 +1,8 @@
-"""Baseline block selections at exactly the QUBO's budget: every head kept, diagonal blocks always on.
+"""Baseline block selections at exactly the QUBO's budget, diagonal blocks always on.
+
+Heads: every head is kept, unless the budget also fixes a number of heads (`solve.head_drop`); then the
+baselines keep the most important heads (ablation importance, the value the QUBO uses) and spend the block
+budget inside them, so every method is compared at equal density and equal head count.
 
 All return (heads (L, H) bool, blocks (L, H, NB) bool) over the off-diagonal blocks of `offdiag_blocks`,
 with exactly `target_blocks` computed causal blocks (diagonals included), so they are compared with the
@@ -20,12 +24,17 @@ from gravity_sparse.qubo.formulation import offdiag_blocks
 BASELINES = ("greedy", "window", "random", "uniform")
 
 
-def _extra(shape: tuple[int, int, int], nqb: int, target_blocks: int) -> int:
-    num_layers, num_heads, nb = shape
-    extra = target_blocks - num_layers * num_heads * nqb
-    if not 0 <= extra <= num_layers * num_heads * nb:
-        raise UserError(f"budget of {target_blocks} blocks is not reachable with every head kept")
+def _extra(heads: np.ndarray, nb: int, nqb: int, target_blocks: int) -> int:
+    kept = int(heads.sum())
+    extra = target_blocks - kept * nqb
+    if not 0 <= extra <= kept * nb:
+        raise UserError(f"budget of {target_blocks} blocks is not reachable with {kept} heads kept")
     return extra
+
+
+def important_heads(importance: np.ndarray, count: int) -> np.ndarray:
+    """(L, H) bool: the `count` heads of largest importance (ties by position)."""
+    return _top(np.nan_to_num(importance, nan=0.0), count)
 
 
 def _top(scores: np.ndarray, count: int) -> np.ndarray:
@@ -35,14 +44,16 @@ def _top(scores: np.ndarray, count: int) -> np.ndarray:
     return keep.reshape(scores.shape)
 
 
-def _per_head_quota(num_layers: int, num_heads: int, extra: int, nb: int) -> np.ndarray:
-    """(L, H) blocks per head, equal up to one, summing to extra."""
-    base, rest = divmod(extra, num_layers * num_heads)
-    quota = np.full(num_layers * num_heads, base)
-    quota[:rest] += 1
+def _per_head_quota(heads: np.ndarray, extra: int, nb: int) -> np.ndarray:
+    """(L, H) blocks per kept head, equal up to one, summing to extra; 0 for dropped heads."""
+    kept = np.flatnonzero(heads.reshape(-1))
+    base, rest = divmod(extra, max(kept.size, 1))
+    quota = np.zeros(heads.size, dtype=np.int64)
+    quota[kept] = base
+    quota[kept[:rest]] += 1
     if quota.max(initial=0) > nb:
         raise UserError("per-head budget exceeds the blocks of a head")
-    return quota.reshape(num_layers, num_heads)
+    return quota.reshape(heads.shape)
 
 
 def _by_rank(rank: np.ndarray, quota: np.ndarray) -> np.ndarray:
@@ -64,28 +75,31 @@ def baseline_masks(
     *,
     seed: int = 0,
     sink_blocks: int = 1,
+    heads: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Masks of one baseline. block_field (L, H, NQB, NQB)."""
+    """Masks of one baseline. block_field (L, H, NQB, NQB); heads (L, H) bool kept heads (None: all)."""
     num_layers, num_heads, nqb, _ = block_field.shape
     qb, kb = offdiag_blocks(nqb)
     nb = qb.size
     shape = (num_layers, num_heads, nb)
-    extra = _extra(shape, nqb, target_blocks)
-    heads = np.ones((num_layers, num_heads), dtype=bool)
+    if heads is None:
+        heads = np.ones((num_layers, num_heads), dtype=bool)
+    heads = heads.astype(bool)
+    extra = _extra(heads, nb, nqb, target_blocks)
+    dropped = ~heads[..., None]
     field = block_field[..., qb, kb].astype(np.float64)  # (L, H, NB)
     if name == "greedy":
-        blocks = _top(field, extra)
+        blocks = _top(np.where(dropped, -np.inf, field), extra)
     elif name == "random":
-        blocks = _top(np.random.default_rng(seed).random(shape), extra)
+        scores = np.random.default_rng(seed).random(shape)
+        blocks = _top(np.where(dropped, -np.inf, scores), extra)
     elif name == "uniform":
-        blocks = _by_rank(
-            _rank_within_head(field), _per_head_quota(num_layers, num_heads, extra, nb)
-        )
+        blocks = _by_rank(_rank_within_head(field), _per_head_quota(heads, extra, nb))
     elif name == "window":
         # sink column first, then by distance to the diagonal, nearest first (then by query block)
         key = np.where(kb < sink_blocks, qb - nqb * 2, (qb - kb) * nqb + qb).astype(np.float64)
         rank = np.broadcast_to(np.argsort(np.argsort(key, kind="stable")), shape)
-        blocks = _by_rank(rank, _per_head_quota(num_layers, num_heads, extra, nb))
+        blocks = _by_rank(rank, _per_head_quota(heads, extra, nb))
     else:
         raise UserError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
     return heads, blocks

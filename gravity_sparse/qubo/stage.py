@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from gravity_sparse.errors import UserError
 from gravity_sparse.masks import Masks, write_masks
 from gravity_sparse.qubo import anneal, exact, report
-from gravity_sparse.qubo.baselines import BASELINES, baseline_masks
+from gravity_sparse.qubo.baselines import BASELINES, baseline_masks, important_heads
 from gravity_sparse.qubo.formulation import (
     Terms,
     build_terms,
@@ -287,9 +287,10 @@ def solve_field(
     imp_key = "importance_grad" if cfg.importance_source == "grad" else "importance"
     if imp_key not in field:
         raise UserError(f"field has no {imp_key} tensor (solve.importance_source)")
+    terms_importance = field[imp_key].double().numpy()
     terms = build_terms(
         block_field,
-        field[imp_key].double().numpy(),
+        terms_importance,
         field["redundancy"].double().numpy(),
         field["mass"].double().numpy(),
         field["kv_groups"].numpy(),
@@ -356,9 +357,16 @@ def solve_field(
     total = num_layers * num_heads * causal_blocks_per_head(nqb)
     qubo_obj = objective(terms, heads, blocks)
     baseline_out, baseline_rep = {}, {}
+    # with a head budget the baselines keep the same number of heads: the most important ones
+    base_heads = None if target_heads is None else important_heads(terms_importance, target_heads)
     for name in cfg.baselines:
         bh, bb = baseline_masks(
-            name, block_field, target, seed=cfg.seed, sink_blocks=cfg.sink_blocks
+            name,
+            block_field,
+            target,
+            seed=cfg.seed,
+            sink_blocks=cfg.sink_blocks,
+            heads=base_heads,
         )
         baseline_out[name] = (torch.from_numpy(bh), _full_mask(nqb, bh, bb))
         baseline_rep[name] = {

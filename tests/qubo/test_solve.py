@@ -195,6 +195,18 @@ def test_head_drop_is_exact(small_field):
     assert res.report["blocks_computed"] == round(0.25 * 32 * 36)
 
 
+def test_baselines_match_the_head_budget(small_field):
+    field, meta = small_field
+    res = solve_field(field, meta, SolveConfig(density=0.3, head_drop=0.25, exact_layers=0))
+    importance = field["importance"].numpy()
+    for name, (hk, bm) in res.baselines.items():
+        assert int(hk.sum()) == int(res.head_keep.sum()), name
+        assert int(bm.sum()) == res.report["blocks_computed"], name
+        assert not bm[~hk].any(), name
+        # the heads kept are the most important ones
+        assert importance[hk.numpy()].min() >= importance[~hk.numpy()].max(), name
+
+
 @pytest.mark.parametrize("density", [0.0, -0.1, 1.01])
 def test_density_out_of_range_is_a_user_error(density):
     with pytest.raises(UserError, match="density"):
