@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/gravity-sparse info
+	$(BIN)/gravity-sparse run pipelines/tiny.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

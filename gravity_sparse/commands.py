@@ -1,4 +1,4 @@
-"""Subcommands that are not pipeline stages: `info` and `validate`."""
+"""Subcommands that are not pipeline stages: `info`, `validate` and `pretrain`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from torch.nn import functional as F
 from . import pipeline_run  # noqa: F401  (registers the stage commands and `run`)
 from .cli import add_config_arguments, command, emit
 from .config import config_to_dict, load_config
-from .errors import UserError
 from .pipeline import PipelineConfig
 
 
@@ -122,4 +121,23 @@ def run_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["model_summary", "UserError"]
+def _pretrain_args(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+    p.add_argument("--out", default=None, help="output folder (default: the config's out_dir)")
+
+
+@command(
+    "pretrain",
+    "train a gravity model from scratch (the bundled tiny model's recipe)",
+    _pretrain_args,
+)
+def run_pretrain_command(args: argparse.Namespace) -> int:
+    from .pretrain import PretrainConfig, run_pretrain
+
+    cfg = load_config(PretrainConfig, args.config or "pipelines/pretrain-tiny.yaml", args.overrides)
+    out = run_pretrain(cfg, Path(args.out or cfg.out_dir))
+    emit(args, {"model": str(out)}, f"pretrain {out}")
+    return 0
+
+
+__all__ = ["model_summary"]

@@ -19,6 +19,7 @@ from .export import ExportConfig
 from .heal import HealConfig
 from .measure import MeasureConfig
 from .qubo.stage import SolveConfig
+from .sweep import SweepConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,6 +77,7 @@ class PipelineConfig:
     heal: HealConfig = field(default_factory=HealConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         for name in ("apply", "heal"):

@@ -93,6 +93,24 @@ _make_stage_command("bench", "throughput of dense vs sparse: kernel and whole mo
 _make_stage_command("report", "report.md with the tables and plots of every stage")
 
 
+@command(
+    "sweep",
+    "held-out quality vs density for the QUBO and the baselines, before and after healing",
+    _stage_args,
+)
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    folder, summary = run_sweep(cfg)
+    emit(
+        args,
+        summary,
+        f"sweep    {folder}  ({len(summary['rows'])} patterns, {summary['wall_s']} s)",
+    )
+    return 0
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
