@@ -17,12 +17,13 @@ of heads in every layer (`config.num_attention_heads_per_layer`).
 
 Self-contained: this file is copied next to every checkpoint `save_model` writes, so a Python with only
 torch, transformers and safetensors runs it (`trust_remote_code=True`). It may import only torch,
-transformers and `configuration_gravity` from the same folder. When the `gravity_sparse` package is
-importable it may replace the attention function with its kernels (see `attach_kernel`).
+transformers and `configuration_gravity` from the same folder. On CUDA, a sparse layer switches to
+gravity_sparse's Triton kernel when that package is importable (`GravityAttention._maybe_use_triton`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -228,6 +229,20 @@ class GravityAttention(nn.Module):
                 value = value.to(device=device, dtype=torch.bool)
             self.register_buffer(name, value)
 
+    def _maybe_use_triton(self) -> None:
+        """On CUDA, a sparse layer runs in gravity_sparse's Triton kernel when that package is importable
+        (set GRAVITY_SPARSE_KERNEL=reference to keep the PyTorch path). Probed once per layer."""
+        if self.__dict__.get("_kernel_probed") or getattr(self, "gravity_kernel", None) is not None:
+            return
+        self._kernel_probed = True
+        if os.environ.get("GRAVITY_SPARSE_KERNEL", "auto") == "reference":
+            return
+        try:
+            from gravity_sparse.kernels.attach import GravityKernel
+        except ImportError:
+            return
+        self.gravity_kernel = GravityKernel("triton")
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -251,6 +266,8 @@ class GravityAttention(nn.Module):
             key_states, value_states = kv
         if self.num_heads == 0:
             return torch.zeros_like(hidden_states), None
+        if self.gravity_block_mask is not None and query_states.is_cuda:
+            self._maybe_use_triton()
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, gravity_attention_forward
         )

@@ -135,3 +135,28 @@ def test_masks_from_another_model_shape(run_setup, capsys, tmp_path):
     other = save_model(tiny_model(num_hidden_layers=3), build_tokenizer(), tmp_path / "other")
     rc, _, err = _run(capsys, "apply", "-c", str(pipeline), f"model.path={other}")
     assert rc == 2 and "masks are for a model of 2 layers" in err
+
+
+def test_sweep_equal_budgets_and_outputs(run_setup, capsys):
+    root, pipeline = run_setup
+    if not (root / "run" / "01_measure").exists():
+        pytest.skip("needs the full pipeline run")
+    rc, out, err = _run(
+        capsys,
+        "sweep",
+        "-c",
+        str(pipeline),
+        "sweep.densities=[0.5,0.9]",
+        "sweep.head_drops=[0.25]",
+        "sweep.methods=[qubo,greedy,window]",
+        "sweep.heal_token_budget=512",
+        "sweep.eval_max_tokens=512",
+    )
+    assert rc == 0, err[-2000:]
+    summary = json.loads((root / "run" / "sweep" / "sweep.json").read_text())
+    rows = summary["rows"]
+    assert [r["method"] for r in rows] == ["qubo", "greedy", "window"]
+    assert {(r["density"], r["heads_kept"]) for r in rows} == {(0.5, 6)}  # same budget for every method
+    assert all(r["loss_healed"] != r["loss_unhealed"] for r in rows)
+    assert summary["skipped"][0]["density"] == 0.9  # 6 of 8 heads cannot reach density 0.9
+    assert (root / "run" / "sweep" / "pareto.png").stat().st_size > 10_000
