@@ -146,6 +146,7 @@ def stage_folder(
     *,
     config: dict[str, Any],
     inputs: dict[str, str | Path] | None = None,
+    started: float | None = None,
 ) -> Iterator[StageFolder]:
     """Write a stage atomically. Usage:
 
@@ -162,7 +163,7 @@ def stage_folder(
     tmp.mkdir()
     inputs = dict(inputs or {})
     input_hashes = {k: hash_path(v) for k, v in inputs.items()}
-    start = time.time()
+    start = time.time() if started is None else started
     handle = StageFolder(tmp, final)
     try:
         yield handle

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,16 @@ def stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
 def stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     """What a stage reads: the model directory, texts (by content digest), earlier stage folders."""
     run = cfg.run_path()
-    model = resolve_model_path(cfg.model.path)
     solve = run / stage_dirname("solve")
+    if stage == "bench" and cfg.bench.synthetic:
+        return {}  # random weights and a synthetic field: nothing is read
+    if stage == "report":
+        return {
+            s: run / stage_dirname(s)
+            for s in ("measure", "solve", "apply", "heal", "export", "bench")
+            if (run / stage_dirname(s)).exists()
+        }
+    model = resolve_model_path(cfg.model.path)
     if stage == "measure":
         return {"model": model, "calibration": _text_digest(cfg.calibration_text)}
     if stage == "solve":
@@ -85,28 +94,27 @@ def stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
         return {"heal": run / stage_dirname("heal"), "solve": solve}
     if stage == "bench":
         return {"model": model, "solve": solve}
-    if stage == "report":
-        return {
-            s: run / stage_dirname(s)
-            for s in ("measure", "solve", "apply", "heal", "export", "bench")
-            if (run / stage_dirname(s)).exists()
-        }
     raise ValueError(stage)
 
 
-def _folder(cfg: PipelineConfig, stage: str):
+def _folder(cfg: PipelineConfig, stage: str, started: float):
     return stage_folder(
-        cfg.run_path(), stage, config=stage_config(cfg, stage), inputs=stage_inputs(cfg, stage)
+        cfg.run_path(),
+        stage,
+        config=stage_config(cfg, stage),
+        inputs=stage_inputs(cfg, stage),
+        started=started,
     )
 
 
 def run_measure_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
+    t0 = time.time()
     from .data import resolve_text, to_ids
     from .measure import run_measure
 
     model, _ = _model(cfg)
     ids = to_ids(resolve_text(cfg.calibration_text))
-    with _folder(cfg, "measure") as sf:
+    with _folder(cfg, "measure", t0) as sf:
         summary = run_measure(model, ids, cfg.measure, sf.path)
         (sf.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         sf.summary.update({k: summary[k] for k in ("num_tokens", "loss", "tokens_per_s")})
@@ -114,6 +122,7 @@ def run_measure_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
 
 
 def run_solve_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
+    t0 = time.time()
     from .qubo.stage import check_field_matches_model, read_field, solve_field, write_solve_outputs
 
     field_path = require_stage(cfg.run_path(), "measure") / "field.safetensors"
@@ -125,7 +134,7 @@ def run_solve_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
     )
     solve_cfg = dataclasses.replace(cfg.solve, eps=float(model_cfg.get("gravity_eps", 0.1)))
     result = solve_field(tensors, meta, solve_cfg)
-    with _folder(cfg, "solve") as sf:
+    with _folder(cfg, "solve", t0) as sf:
         write_solve_outputs(result, sf.path)
         rep = result.report
         sf.summary.update(
@@ -139,18 +148,20 @@ def run_solve_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
 
 
 def run_apply_stage(cfg: PipelineConfig) -> tuple[Path, list[dict[str, Any]]]:
+    t0 = time.time()
     from .apply import evaluate_masks, masks_in, write_results
 
     solve_dir = require_stage(cfg.run_path(), "solve")
     model, _ = _model(cfg)
     rows = evaluate_masks(model, masks_in(solve_dir, cfg.apply.baselines), cfg.apply)
-    with _folder(cfg, "apply") as sf:
+    with _folder(cfg, "apply", t0) as sf:
         write_results(rows, sf.path, f"Held-out loss, unhealed ({cfg.apply.eval_text})")
         sf.summary["rows"] = rows
     return sf.final, rows
 
 
 def run_heal_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
+    t0 = time.time()
     from .heal import heal_model, held_out_loss, plot_loss_curve, save_adapter, write_record
     from .masks import attach_masks, read_masks
 
@@ -164,7 +175,7 @@ def run_heal_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
     dense = held_out_loss(model, cfg.heal)
     attach_masks(model, masks)
     before = held_out_loss(model, cfg.heal)
-    with _folder(cfg, "heal") as sf, tempfile.TemporaryDirectory() as scratch:
+    with _folder(cfg, "heal", t0) as sf, tempfile.TemporaryDirectory() as scratch:
         peft_model, record = heal_model(model, cfg.heal, Path(scratch), seed=cfg.seed)
         save_adapter(peft_model, sf.path / "adapter")
         merged = peft_model.merge_and_unload()
@@ -187,6 +198,7 @@ def run_heal_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
 
 
 def run_export_stage(cfg: PipelineConfig, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
+    t0 = time.time()
     from .data import resolve_text, to_ids, token_blocks
     from .export import model_costs, prune_model
     from .masks import attach_masks, read_masks
@@ -204,7 +216,7 @@ def run_export_stage(cfg: PipelineConfig, overwrite: bool = False) -> tuple[Path
         to_ids(resolve_text(cfg.apply.eval_text)), min(cfg.export.parity_len, masks.max_length)
     )
     x = ids[: cfg.export.parity_batch, :-1].to(next(healed.parameters()).device)
-    with _folder(cfg, "export") as sf:
+    with _folder(cfg, "export", t0) as sf:
         out = save_model(pruned, tok, sf.path / "model")
         reloaded, _ = _model(cfg, out)
         with torch.no_grad():
@@ -299,6 +311,7 @@ def _synthetic_bench_inputs(cfg: PipelineConfig):
 
 
 def run_bench_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
+    t0 = time.time()
     from .bench import run_bench, write_bench
     from .masks import read_masks
 
@@ -311,7 +324,7 @@ def run_bench_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
         source = str(resolve_model_path(cfg.model.path))
     result = run_bench(model, masks, cfg.bench, seed=cfg.seed)
     result["model"] = source
-    with _folder(cfg, "bench") as sf:
+    with _folder(cfg, "bench", t0) as sf:
         write_bench(result, sf.path)
         best = max(
             (r for r in result["rows"] if r["model"] == "sparse"), key=lambda r: r["seq_len"]
@@ -326,12 +339,13 @@ def run_bench_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
 
 
 def run_report_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
+    t0 = time.time()
     from .report import write_report
 
     inputs = stage_inputs(cfg, "report")
-    if "measure" not in inputs:
+    if not inputs:
         raise UserError(f"{cfg.run_path()} has no finished stages to report on")
-    with _folder(cfg, "report") as sf:
+    with _folder(cfg, "report", t0) as sf:
         summary = write_report(cfg, {k: Path(v) for k, v in inputs.items()}, sf.path)
         sf.summary.update(summary)
     return sf.final, {**summary, "line": f"{sf.final / 'report.md'}"}
