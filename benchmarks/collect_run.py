@@ -35,9 +35,14 @@ def collect(run: Path) -> dict:
         "command": metas["01_measure"]["command"],
         "git_revision": metas["07_report"]["git_revision"],
         "versions": metas["07_report"]["versions"],
-        "machine": {"processor": platform.processor() or platform.machine(), "system": platform.system()},
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "system": platform.system(),
+        },
         "stage_wall_s": {s: metas[s]["wall_time_s"] for s in STAGES},
-        "measure": {k: metas["01_measure"]["summary"].get(k) for k in ("num_tokens", "tokens_per_s")},
+        "measure": {
+            k: metas["01_measure"]["summary"].get(k) for k in ("num_tokens", "tokens_per_s")
+        },
         "solve": {
             k: solve.get(k)
             for k in (

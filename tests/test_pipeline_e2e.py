@@ -88,7 +88,11 @@ def test_full_pipeline_then_reload_in_plain_transformers(run_setup, capsys):
         assert torch.equal(g, g2)
         print("OK", g.shape[1])
     """)
-    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(root / "modules"), "PATH": "/usr/bin:/bin"}
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(root / "modules"),
+        "PATH": "/usr/bin:/bin",
+    }
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "OK" in proc.stdout.split()
@@ -156,7 +160,9 @@ def test_sweep_equal_budgets_and_outputs(run_setup, capsys):
     summary = json.loads((root / "run" / "sweep" / "sweep.json").read_text())
     rows = summary["rows"]
     assert [r["method"] for r in rows] == ["qubo", "greedy", "window"]
-    assert {(r["density"], r["heads_kept"]) for r in rows} == {(0.5, 6)}  # same budget for every method
+    assert {(r["density"], r["heads_kept"]) for r in rows} == {
+        (0.5, 6)
+    }  # same budget for every method
     assert all(r["loss_healed"] != r["loss_unhealed"] for r in rows)
     assert summary["skipped"][0]["density"] == 0.9  # 6 of 8 heads cannot reach density 0.9
     assert (root / "run" / "sweep" / "pareto.png").stat().st_size > 10_000
