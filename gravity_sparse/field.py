@@ -57,24 +57,35 @@ def gravity_scores(
     return mass.square() / (d2 + eps)
 
 
+MAX_BLOCK_SHARE = (
+    1.0 - 1e-6
+)  # caps −log(1 − p) at ≈ 13.8 nats for a block holding all of a row's mass
+
+
 def block_mass_sums(
     probs: torch.Tensor, q_start: int, block_size: int, num_blocks: int
-) -> torch.Tensor:
-    """Probability mass from each query block to each key block, summed over batch and queries.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (query block, key block): the summed probability mass, and the summed drop cost.
 
-    probs (B, H, C, Sk) for queries q_start .. q_start + C - 1. Returns (H, NB, NB) float64; divide by
-    `block_query_counts` to get the block field.
+    probs (B, H, C, Sk) for queries q_start .. q_start + C - 1. Returns two (H, NB, NB) float64 sums over
+    batch and queries; divide by `block_query_counts` for means. The drop cost of key block b for query q is
+    −log(1 − p_qb): the KL divergence between the query's attention with block b removed (renormalised) and
+    its full attention. It weighs a block by what the queries that need it lose, which a mean mass hides (the
+    first queries of a block see almost nothing but the previous block).
     """
     bsz, heads, c, sk = probs.shape
     nkb = -(-sk // block_size)
     padded = F.pad(probs, (0, nkb * block_size - sk))  # (B, H, C, nkb * bs)
-    per_key_block = padded.view(bsz, heads, c, nkb, block_size).sum(-1)  # (B, H, C, nkb)
-    # sum over the batch in float64 so that the result does not depend on how sequences are batched
-    per_key_block = per_key_block.double().sum(0)  # (H, C, nkb)
+    per_key_block = padded.view(bsz, heads, c, nkb, block_size).sum(-1).double()  # (B, H, C, nkb)
+    cost = -torch.log1p(-per_key_block.clamp(max=MAX_BLOCK_SHARE))
     q_blocks = torch.arange(q_start, q_start + c, device=probs.device) // block_size
-    sums = torch.zeros(heads, num_blocks, num_blocks, dtype=torch.float64, device=probs.device)
-    sums[:, :, :nkb].index_add_(1, q_blocks, per_key_block)
-    return sums
+    out = []
+    for values in (per_key_block, cost):
+        # sum over the batch in float64 so that the result does not depend on how sequences are batched
+        sums = torch.zeros(heads, num_blocks, num_blocks, dtype=torch.float64, device=probs.device)
+        sums[:, :, :nkb].index_add_(1, q_blocks, values.sum(0))
+        out.append(sums)
+    return out[0], out[1]
 
 
 def block_query_counts(seq_len: int, block_size: int) -> torch.Tensor:
@@ -187,6 +198,7 @@ class LayerFieldAccumulator:
         self.num_blocks = -(-seq_len // block_size)
         zeros = dict(dtype=torch.float64, device=device)
         self.block_mass = torch.zeros(num_heads, self.num_blocks, self.num_blocks, **zeros)
+        self.block_cost = torch.zeros_like(self.block_mass)
         self.profile = torch.zeros(num_heads, seq_len, **zeros)
         self.score_profile = torch.zeros(num_heads, seq_len, **zeros)
         self.entropy = torch.zeros(num_heads, **zeros)
@@ -205,7 +217,9 @@ class LayerFieldAccumulator:
         sk = probs.shape[-1]
         if sk > self.seq_len:
             raise ValueError(f"{sk} keys, but the field was set up for sequences of {self.seq_len}")
-        self.block_mass += block_mass_sums(probs, q_start, self.block_size, self.num_blocks)
+        mass, cost = block_mass_sums(probs, q_start, self.block_size, self.num_blocks)
+        self.block_mass += mass
+        self.block_cost += cost
         self.profile[:, :sk] += distance_sums(probs, q_start)
         self.score_profile[:, :sk] += distance_sums(scores, q_start)
         self.entropy += entropy_sums(probs)
@@ -222,6 +236,7 @@ class LayerFieldAccumulator:
         pairs = distance_pair_counts(self.seq_len, sequences).to(self.profile.device)
         return {
             "block_field": (self.block_mass / (sequences * per_block).view(1, -1, 1)).float(),
+            "block_cost": (self.block_cost / (sequences * per_block).view(1, -1, 1)).float(),
             "profile": (self.profile / pairs).float(),
             "score_profile": (self.score_profile / pairs).float(),
             "entropy": (self.entropy / self.rows).float(),

@@ -31,10 +31,11 @@ def causal_probs(bsz: int, heads: int, s: int, seed: int = 0) -> torch.Tensor:
 
 
 def brute_force(probs: torch.Tensor, block_size: int):
-    """Block field, profile and entropy by plain loops over (sequence, query, key)."""
+    """Block field, drop cost, profile and entropy by plain loops over (sequence, query, key)."""
     bsz, heads, s, _ = probs.shape
     nb = -(-s // block_size)
     field = np.zeros((heads, nb, nb))
+    cost = np.zeros((heads, nb, nb))
     rows = np.zeros(nb)
     prof, pairs = np.zeros((heads, s)), np.zeros(s)
     ent = np.zeros(heads)
@@ -47,7 +48,12 @@ def brute_force(probs: torch.Tensor, block_size: int):
                 prof[:, i - j] += p[b, :, i, j]
                 pairs[i - j] += 1
                 ent -= np.where(p[b, :, i, j] > 0, p[b, :, i, j] * np.log(p[b, :, i, j]), 0)
-    return field / rows[None, :, None], prof / pairs, ent / (bsz * s)
+            for kb in range(i // block_size + 1):
+                share = p[b, :, i, kb * block_size : (kb + 1) * block_size].sum(-1)
+                # KL(renormalised without block kb ‖ full) = −log(1 − share)
+                cost[:, i // block_size, kb] -= np.log1p(-np.minimum(share, 1 - 1e-6))
+    rows = rows[None, :, None]
+    return field / rows, cost / rows, prof / pairs, ent / (bsz * s)
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 13])
@@ -60,9 +66,12 @@ def test_accumulator_matches_brute_force(chunk):
         p = probs[:, :, start:stop, :stop]  # a query chunk sees only its causal keys
         acc.add(p, p * 10, start)
     got = acc.result()
-    field, prof, ent = brute_force(probs, bs)
+    field, cost, prof, ent = brute_force(probs, bs)
     torch.testing.assert_close(
         got["block_field"].double(), torch.from_numpy(field), atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        got["block_cost"].double(), torch.from_numpy(cost), atol=1e-5, rtol=1e-5
     )
     torch.testing.assert_close(got["profile"].double(), torch.from_numpy(prof), atol=1e-6, rtol=0)
     torch.testing.assert_close(
@@ -105,9 +114,10 @@ def test_previous_token_and_uniform_closed_form():
 
 def test_block_mass_and_distance_sums_are_batch_sums():
     probs = causal_probs(4, 2, 9, seed=3)
-    whole = block_mass_sums(probs, 0, 3, 3)
-    parts = sum(block_mass_sums(probs[b : b + 1], 0, 3, 3) for b in range(4))
-    torch.testing.assert_close(whole, parts)
+    for k in range(2):  # mass and drop cost
+        whole = block_mass_sums(probs, 0, 3, 3)[k]
+        parts = sum(block_mass_sums(probs[b : b + 1], 0, 3, 3)[k] for b in range(4))
+        torch.testing.assert_close(whole, parts)
     torch.testing.assert_close(
         distance_sums(probs, 0), sum(distance_sums(probs[b : b + 1], 0) for b in range(4))
     )

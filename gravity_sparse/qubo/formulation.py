@@ -9,7 +9,7 @@ Variables, per layer (all binary, 1 = keep):
 Objective (an estimate of the loss increase, nats/token; lower is better):
 
     obj = Σ_h I_h (1 − x_h)                             dropping a head loses its ablation importance
-        + Σ_h x_h Σ_b c_hb (1 − z_hb)                   a kept head loses the mass of its dropped blocks
+        + Σ_h x_h Σ_b c_hb (1 − z_hb)                   a kept head loses the value of its dropped blocks
         + Σ_{h<h'} s_hh' (1 − x_h)(1 − x_h')            a redundant pair must not lose both members
         − κ_c Σ x_h · (adjacent kept blocks in a row)   optional contiguity (the diagonal counts as kept)
         + Σ_g κ_g y_g                                   a kept KV head costs its cache
@@ -24,10 +24,20 @@ e^{R_h}. A light head (R_h ≲ 1 nat) averages over many keys, its dropped and k
 and dropped mass costs little; a heavy head picks out specific tokens, and mass it loses is mass pointed at
 something that matters. Hence a sharpness weight w_h = R_h / (R_h + R_0) ∈ (0, 1) (R_0 = `mass_scale`) and
 
-    c_hb = I_h · w_h · f_h[qb, kb] / NQB        (f = measured block field, every row sums to 1)
+    c_hb = S_h · w_h · f_h[qb, kb] / NQB        (f = a block field whose every row sums to 1)
 
-so Σ_b c_hb ≤ I_h: a kept head can never cost more than dropping it, the head's importance sets the scale
-(a block of an unimportant head is cheap), and its mass sets how much of that scale rides on the field.
+Which field and which scale S_h (`solve.block_value`, `solve.block_scale`), chosen by held-out loss on the
+tiny model (`benchmarks/results/*-tiny-*`):
+- f = "profile" (default): the head's distance profile — its mean attention at each token distance Δ, the
+  attention-gravitational-field view — integrated over each block, plus the measured sink column. It is
+  translation-invariant, so every query row keeps the local context that its own queries need. The raw
+  measured block field ("mass") and the row share of the drop cost −log(1 − p) ("kl") value blocks by
+  row averages, under-price the previous block for a block's first queries, and lost clearly.
+- S_h = mean importance over the model ("flat", default) or the head's own ablation importance
+  ("importance"). Ablation zeroes a head; restricting its blocks changes its output instead, and a head that
+  is cheap to drop can still need its context: scaling by I_h left cheap heads diagonal-only and lost.
+With S_h = I_h, Σ_b c_hb ≤ I_h (a kept head never costs more than dropping it); with "flat" the mass weight
+alone differentiates heads' blocks, and head keep/drop is still priced by each head's own I_h.
 
 Pairs. Importance is measured by ablating one head with all others present, so a redundant pair looks
 cheap head by head: each covers for the other. Dropping both loses the shared part, charged as
@@ -107,6 +117,7 @@ def build_terms(
     kv_cost: float = 0.01,
     contiguity: float = 0.0,
     penalty_margin: float = 1.0,
+    block_scale: str = "importance",
 ) -> Terms:
     """Coefficients from a measured field.
 
@@ -118,7 +129,10 @@ def build_terms(
     qb, kb = offdiag_blocks(nqb)
     imp = np.clip(importance.astype(np.float64), 0.0, None)
     weight = mass_weight(mass.astype(np.float64), eps, mass_scale)
-    value = (imp * weight)[..., None] * block_field[..., qb, kb].astype(np.float64) / nqb
+    # block values scale with the head's ablation importance, or with the model's mean importance ("flat":
+    # restricting a head is not ablating it, and a head that is cheap to drop may still need its context)
+    head_scale = imp if block_scale == "importance" else np.full_like(imp, imp.mean())
+    value = (head_scale * weight)[..., None] * block_field[..., qb, kb].astype(np.float64) / nqb
     scale = float(value.mean()) if value.size and value.mean() > 0 else 1.0
     red = np.clip(redundancy.astype(np.float64), 0.0, None)
     pair = redundancy_weight * red * np.sqrt(imp[..., :, None] * imp[..., None, :])

@@ -75,6 +75,19 @@ class SolveConfig:
     brute_force_max: int = field(
         default=20, metadata={"help": "subproblems up to this many variables are brute-forced"}
     )
+    block_value: str = field(
+        default="profile",
+        metadata={
+            "help": "what a block is worth: profile (the head's distance profile integrated over "
+            "the block, + sink) | kl (share of the row's drop cost −log(1−p)) | mass (block field)"
+        },
+    )
+    block_scale: str = field(
+        default="flat",
+        metadata={
+            "help": "block values scale with: importance (the head's) | flat (the model's mean)"
+        },
+    )
     importance_source: str = field(
         default="ablation", metadata={"help": "head importance: ablation | grad"}
     )
@@ -113,6 +126,14 @@ class SolveConfig:
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise UserError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
+        if self.block_value not in ("profile", "kl", "mass"):
+            raise UserError(
+                f"solve.block_value must be profile, kl or mass, got {self.block_value!r}"
+            )
+        if self.block_scale not in ("importance", "flat"):
+            raise UserError(
+                f"solve.block_scale must be importance or flat, got {self.block_scale!r}"
+            )
         if self.importance_source not in ("ablation", "grad"):
             raise UserError(
                 f"solve.importance_source must be ablation or grad, got {self.importance_source!r}"
@@ -172,6 +193,52 @@ def _validate_field(tensors: dict[str, torch.Tensor], meta: dict[str, str], wher
     for key in ("block_field", "importance", "redundancy", "mass"):
         if not torch.isfinite(tensors[key]).all():
             raise UserError(f"{where}: {key} holds non-finite values")
+
+
+def profile_field(profile: torch.Tensor, block_field: torch.Tensor) -> np.ndarray:
+    """(L, H, NQB, NQB) block field of each head's distance profile: the gravitational-field view.
+
+    Query i puts profile[i − j] on key j (the mean attention at that distance, measured over all
+    calibration queries), summed over the keys of a block and averaged over the queries of a row, rows
+    renormalised to 1. It is translation-invariant, so every row keeps its local context; the sink column
+    (key block 0) keeps the measured block field's mass where that is larger.
+    """
+    prof = profile.double().numpy()  # (L, H, S)
+    num_layers, num_heads, seq = prof.shape
+    nqb = block_field.shape[-1]
+    block = -(-seq // nqb)
+    pos = np.arange(nqb * block)
+    dist = pos[:, None] - pos[None, :]
+    padded = np.concatenate([prof, np.zeros((num_layers, num_heads, nqb * block - seq))], -1)
+    valid = (dist >= 0) & (pos[:, None] < seq) & (pos[None, :] < seq)
+    pf = np.where(valid, padded[..., np.clip(dist, 0, None)], 0.0)  # (L, H, T, T)
+    pf = pf.reshape(num_layers, num_heads, nqb, block, nqb, block).sum(-1).mean(-2)
+    pf[..., 0] = np.maximum(pf[..., 0], block_field.double().numpy()[..., 0])
+    pf *= np.tril(np.ones((nqb, nqb)))
+    return pf / np.maximum(pf.sum(-1, keepdims=True), 1e-12)
+
+
+def block_values(field: dict[str, torch.Tensor], kind: str) -> np.ndarray:
+    """(L, H, NQB, NQB) row shares the QUBO's block terms use; each causal row sums to 1.
+
+    mass: the block field itself (mean attention mass). kl: each block's share of its row's drop cost
+    −log(1 − p_qb) averaged over the row's queries (measure's `block_cost`): a block that a few queries
+    cannot do without (the previous block, for the first queries of a block) is worth more than its
+    mean mass says.
+    """
+    if kind == "mass":
+        return field["block_field"].double().numpy()
+    if kind == "profile":
+        return profile_field(field["profile"], field["block_field"])
+    if "block_cost" not in field:
+        raise UserError(
+            "the field has no block_cost (measured by an older version?): re-run measure, "
+            "or set solve.block_value=mass"
+        )
+    cost = field["block_cost"].double().numpy()
+    nqb = cost.shape[-1]
+    cost = cost * np.tril(np.ones((nqb, nqb)))
+    return cost / np.maximum(cost.sum(-1, keepdims=True), 1e-12)
 
 
 def read_field(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -289,7 +356,7 @@ def solve_field(
         raise UserError(f"field has no {imp_key} tensor (solve.importance_source)")
     terms_importance = field[imp_key].double().numpy()
     terms = build_terms(
-        block_field,
+        block_values(field, cfg.block_value),
         terms_importance,
         field["redundancy"].double().numpy(),
         field["mass"].double().numpy(),
@@ -301,6 +368,7 @@ def solve_field(
         kv_cost=cfg.kv_cost,
         contiguity=cfg.contiguity,
         penalty_margin=cfg.penalty_margin,
+        block_scale=cfg.block_scale,
     )
     components = [head_components(terms, layer) for layer in range(num_layers)]
     heads0 = np.ones((num_layers, num_heads), dtype=bool)

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 
-def _block_field(alpha: float, sink: float, nqb: int, block: int) -> np.ndarray:
-    """(NQB, NQB) block-averaged attention of one head with a power law plus a sink."""
+def _block_field(alpha: float, sink: float, nqb: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(NQB, NQB) block-averaged attention of one head with a power law plus a sink, and the
+    block-averaged drop cost −log(1 − p) (see `gravity_sparse.field.block_mass_sums`)."""
     seq = nqb * block
     pos = np.arange(seq)
     dist = pos[:, None] - pos[None, :]
@@ -25,8 +26,9 @@ def _block_field(alpha: float, sink: float, nqb: int, block: int) -> np.ndarray:
     weight = np.where(causal, (np.maximum(dist, 0) + 1.0) ** (-alpha), 0.0)
     weight[:, : max(block // 8, 1)] += sink * causal[:, : max(block // 8, 1)]
     probs = weight / weight.sum(1, keepdims=True)
-    tokens = probs.reshape(nqb, block, nqb, block)
-    return tokens.sum(3).mean(1)
+    per_block = probs.reshape(nqb, block, nqb, block).sum(3)  # (NQB, queries, NKB)
+    cost = -np.log1p(-np.minimum(per_block, 1.0 - 1e-6))
+    return per_block.mean(1), cost.mean(1)
 
 
 def synthetic_field(
@@ -47,10 +49,15 @@ def synthetic_field(
     )
     sink = rng.lognormal(np.log(2.0), 1.0, shape) * (rng.random(shape) < 0.7)
     field = np.zeros((*shape, nqb, nqb))
+    cost = np.zeros_like(field)
     for layer in range(num_layers):
         for h in range(num_heads):
-            field[layer, h] = _block_field(alpha[layer, h], sink[layer, h], nqb, token_block)
-    field *= rng.lognormal(0.0, 0.15, field.shape)
+            field[layer, h], cost[layer, h] = _block_field(
+                alpha[layer, h], sink[layer, h], nqb, token_block
+            )
+    noise = rng.lognormal(0.0, 0.15, field.shape)
+    field *= noise
+    cost *= noise
     field *= np.tril(np.ones((nqb, nqb)))
     field /= field.sum(-1, keepdims=True)
 
@@ -71,6 +78,7 @@ def synthetic_field(
     f32 = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
     tensors = {
         "block_field": f32(field),
+        "block_cost": f32(cost),
         "importance": f32(importance),
         "importance_grad": f32(importance * rng.lognormal(0.0, 0.3, shape)),
         "redundancy": f32(redundancy),
