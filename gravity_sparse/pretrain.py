@@ -5,6 +5,11 @@ the train split of `data.py`, byte tokens, next-token cross entropy over random 
 tokens, AdamW with linear warmup then cosine decay. The masses `gravity_mass_log` (one per query head) get
 their own learning rate and no weight decay (decay would pull them all to the same value).
 
+Mass init matters: with M ≈ 1 (mass_log 0.5) the score M²/(d² + ε) is nearly flat at the initial
+distances (d² ≈ 6 for head_dim 32), attention starts uniform, and training pushes q and k further apart
+(d² ≈ 50 after 300 steps), where the score's gradient vanishes: the loss sits at the bigram plateau
+(≈ 2.4 nats/byte). With M ≈ 3 (mass_log 3.0) the first layers focus within ~100 steps.
+
 Seeded and resumable: the batch of step t is drawn from a generator seeded by (seed, t), and the model,
 optimizer and step are saved to `out_dir/state.pt` every `checkpoint_interval` steps, so a rerun with the
 same config and folder continues where the last one stopped and reaches the same weights.
@@ -60,7 +65,9 @@ class PretrainConfig:
     seq_len: int = field(default=512, metadata={"help": "training context (tokens = bytes)"})
     rope_theta: float = field(default=10000.0, metadata={"help": "rotary base"})
     gravity_eps: float = field(default=0.1, metadata={"help": "softening ε of the gravity score"})
-    mass_init: float = field(default=0.5, metadata={"help": "initial gravity_mass_log (raw)"})
+    mass_init: float = field(
+        default=3.0, metadata={"help": "initial gravity_mass_log (raw; M = softplus ≈ 3.05)"}
+    )
     batch_size: int = field(default=16, metadata={"help": "sequences per step"})
     steps: int = field(default=2000, metadata={"help": "optimizer steps"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
