@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_model
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from gravity_sparse import load_model, save_model

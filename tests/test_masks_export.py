@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from tiny_models import tiny_model
 
 from gravity_sparse import load_model, save_model
 from gravity_sparse.errors import UserError

@@ -8,8 +8,8 @@ import textwrap
 import pytest
 import torch
 import yaml
-from conftest import tiny_model
 from safetensors.torch import load_file
+from tiny_models import tiny_model
 
 from gravity_sparse import save_model
 from gravity_sparse.cli import main
