@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch.nn import functional as F
 from tqdm import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
@@ -42,6 +44,13 @@ class HealConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    distill: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of self-distillation from the dense model (KL to its next-token "
+            "distribution); 0 = plain next-token loss, 1 = distillation only"
+        },
+    )
     train_masses: bool = field(default=True, metadata={"help": "train gravity_mass_log too"})
     val_fraction: float = field(
         default=0.15, metadata={"help": "share of the heal text held back for early stopping"}
@@ -63,6 +72,8 @@ class HealConfig:
             )
         if not 0.0 < self.val_fraction < 0.5:
             raise UserError("heal.val_fraction must be in (0, 0.5)")
+        if not 0.0 <= self.distill <= 1.0:
+            raise UserError(f"heal.distill must be in [0, 1], got {self.distill}")
         if self.lora_r < 1 or self.eval_every < 1 or self.patience < 1:
             raise UserError("heal.lora_r, heal.eval_every and heal.patience must be positive")
 
@@ -105,6 +116,62 @@ class KeepBest(TrainerCallback):
                 params[n].copy_(t)
 
 
+@contextmanager
+def dense_teacher(model: torch.nn.Module, masses: list[torch.Tensor]):
+    """The original dense model, borrowed from the sparse one being healed: adapters off, block/head
+    masks and kernels detached, the masses set back to their values before healing; all restored after."""
+    layers = model.get_base_model().gravity_layers()
+    saved = [
+        (
+            a.gravity_head_keep,
+            a.gravity_block_mask,
+            getattr(a, "gravity_kernel", None),
+            a.gravity_mass_log.data,
+        )
+        for a in layers
+    ]
+    try:
+        with model.disable_adapter():
+            for a, m in zip(layers, masses, strict=True):
+                a.set_sparsity(None, None)
+                a.gravity_kernel = None
+                a.gravity_mass_log.data = m
+            yield model
+    finally:
+        for a, (hk, bm, kernel, mass) in zip(layers, saved, strict=True):
+            a.set_sparsity(hk, bm)
+            a.gravity_kernel = kernel
+            a.gravity_mass_log.data = mass
+
+
+class HealTrainer(Trainer):
+    """Trainer whose training loss mixes next-token loss with self-distillation from the dense model.
+
+    loss = (1 − d) · CE(student) + d · KL(teacher ‖ student), per token, teacher = the dense model before
+    healing. Evaluation keeps the plain next-token loss, so early stopping watches what is reported.
+    """
+
+    def __init__(self, *args, distill: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distill = distill
+        self.masses = [
+            a.gravity_mass_log.detach().clone()
+            for a in self.model.get_base_model().gravity_layers()
+        ]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs.loss
+        if self.distill > 0.0 and model.training:
+            with torch.no_grad(), dense_teacher(model, self.masses):
+                teacher = model(input_ids=inputs["input_ids"]).logits.float()
+            log_s = F.log_softmax(outputs.logits.float(), -1)
+            log_t = F.log_softmax(teacher, -1)
+            kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean()  # nats per token
+            loss = (1.0 - self.distill) * loss + self.distill * kl
+        return (loss, outputs) if return_outputs else loss
+
+
 class ProgressBar(TrainerCallback):
     """A tqdm bar on stderr with the latest train and validation loss."""
 
@@ -115,6 +182,8 @@ class ProgressBar(TrainerCallback):
         self.bar.update(1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if getattr(self, "bar", None) is None:  # the evaluation before training logs too
+            return
         shown = {k: round(v, 4) for k, v in (logs or {}).items() if k in ("loss", "eval_loss")}
         if shown:
             self.bar.set_postfix(shown)
@@ -180,14 +249,17 @@ def heal_model(
         disable_tqdm=True,  # its bars and log dicts go to stdout; ours goes to stderr
     )
     keep = KeepBest(peft_model, cfg.patience)
-    trainer = Trainer(
+    trainer = HealTrainer(
         model=peft_model,
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set,
         callbacks=[keep, ProgressBar()],
+        distill=cfg.distill,
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+    # the unhealed state is the first candidate: healing that never beats it on validation changes nothing
+    keep.on_evaluate(args, trainer.state, trainer.control, metrics=trainer.evaluate())
     trainer.train()
     final_val = trainer.evaluate()["eval_loss"]
     if final_val > keep.best:

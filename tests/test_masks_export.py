@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import random_masks, tiny_model
 
 from gravity_sparse import load_model, save_model
 from gravity_sparse.errors import UserError
 from gravity_sparse.export import model_costs, prune_model
 from gravity_sparse.masks import (
-    Masks,
     attach_masks,
     dense_masks,
     detach_masks,
@@ -16,15 +15,6 @@ from gravity_sparse.masks import (
     read_masks,
     write_masks,
 )
-
-
-def random_masks(L=2, H=4, nb=4, block=16, seed=0, drop=((0, 1), (1, 0), (1, 1), (1, 2), (1, 3))):
-    g = torch.Generator().manual_seed(seed)
-    head_keep = torch.ones(L, H, dtype=torch.bool)
-    for layer, head in drop:
-        head_keep[layer, head] = False
-    grid = (torch.rand(L, H, nb, nb, generator=g) < 0.5).tril() | torch.eye(nb, dtype=torch.bool)
-    return Masks(head_keep, grid & head_keep[..., None, None], block, nb * block)
 
 
 def test_density_by_hand():

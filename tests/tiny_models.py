@@ -3,6 +3,7 @@
 import torch
 
 from gravity_sparse.configuration_gravity import GravityConfig
+from gravity_sparse.masks import Masks
 from gravity_sparse.modeling_gravity import GravityForCausalLM
 
 
@@ -32,3 +33,12 @@ def tiny_model(seed: int = 0, **overrides) -> GravityForCausalLM:
             attn.q_proj.weight.mul_(8.0)
             attn.k_proj.weight.mul_(8.0)
     return model
+
+
+def random_masks(L=2, H=4, nb=4, block=16, seed=0, drop=((0, 1), (1, 0), (1, 1), (1, 2), (1, 3))):
+    g = torch.Generator().manual_seed(seed)
+    head_keep = torch.ones(L, H, dtype=torch.bool)
+    for layer, head in drop:
+        head_keep[layer, head] = False
+    grid = (torch.rand(L, H, nb, nb, generator=g) < 0.5).tril() | torch.eye(nb, dtype=torch.bool)
+    return Masks(head_keep, grid & head_keep[..., None, None], block, nb * block)
