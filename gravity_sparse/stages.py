@@ -225,7 +225,9 @@ def run_export_stage(cfg: PipelineConfig, overwrite: bool = False) -> tuple[Path
             dense_logits = dense_model(x).logits.float()
         diff = float((got - ref).abs().max())
         plain = (
-            _plain_transformers_parity(out.resolve(), x.cpu(), ref.cpu()) if cfg.export.check_plain else None
+            _plain_transformers_parity(out.resolve(), x.cpu(), ref.cpu())
+            if cfg.export.check_plain
+            else None
         )
         seq = masks.max_length
         summary = {
