@@ -124,6 +124,7 @@ def run_validate(args: argparse.Namespace) -> int:
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     p.add_argument("--out", default=None, help="output folder (default: the config's out_dir)")
+    p.add_argument("--publish", default=None, help="copy the finished run here with a model card")
 
 
 @command(
@@ -132,11 +133,16 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     _pretrain_args,
 )
 def run_pretrain_command(args: argparse.Namespace) -> int:
-    from .pretrain import PretrainConfig, run_pretrain
+    from .pretrain import PretrainConfig, publish_checkpoint, run_pretrain
 
     cfg = load_config(PretrainConfig, args.config or "pipelines/pretrain-tiny.yaml", args.overrides)
-    out = run_pretrain(cfg, Path(args.out or cfg.out_dir))
-    emit(args, {"model": str(out)}, f"pretrain {out}")
+    out = Path(args.out or cfg.out_dir)
+    if args.publish:
+        dest = publish_checkpoint(out, Path(args.publish))
+        emit(args, {"published": str(dest)}, f"published {dest}")
+        return 0
+    model = run_pretrain(cfg, out)
+    emit(args, {"model": str(model)}, f"pretrain {model}")
     return 0
 
 

@@ -31,11 +31,10 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from .configuration_gravity import GravityConfig
@@ -51,6 +50,7 @@ from .data import (
     unigram_loss,
 )
 from .errors import UserError
+from .kernels.causal_cpu import set_training_kernel
 from .modeling_gravity import GravityForCausalLM
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer
 
@@ -117,14 +117,6 @@ class PretrainConfig:
         if self.gravity_eps <= 0:
             raise UserError("pretrain: gravity_eps must be positive")
 
-    @classmethod
-    def from_dict(cls, values: dict) -> PretrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"pretrain: unknown config keys: {', '.join(unknown)}")
-        return cls(**values)
-
 
 def model_config(cfg: PretrainConfig) -> GravityConfig:
     """The GravityConfig of the model `cfg` trains."""
@@ -145,112 +137,6 @@ def model_config(cfg: PretrainConfig) -> GravityConfig:
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
     )
-
-
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    """x in at least fp32 (fp64 stays fp64, for gradcheck)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-class CausalGravityAttention(torch.autograd.Function):
-    """Causal dense gravity attention with a hand-written backward, for training on CPU.
-
-    The same math as `gravity_attention_reference` (centered distances clamped at 0, fp32, GQA through
-    kv_groups) restricted to the training case: Sk == S, causal, no padding, no block mask. It walks the
-    queries in chunks of `chunk` rows and scores each chunk only against the keys up to its end, so it
-    skips most of the upper triangle, and it keeps two (rows, keys) tensors per chunk for the backward
-    (r = 1/(d² + ε) and the probabilities) instead of autograd's dozen: about 3x faster than autograd
-    through the reference on 2 cores. The clamp's zero gradient is ignored (d² ≥ 0 exactly; only
-    rounding makes it negative).
-
-    q (B, Hq, S, D), k/v (B, Hkv, S, D), mass_log (Hq,), kv_groups (Hq,) long -> (B, Hq, S, D).
-    Backward, with s = M² r, p = softmax(s), o = p v, δ_i = Σ_j p_ij dp_ij = do_i · o_i:
-        ds = p (dp − δ),  dM² = Σ ds r,  g = ∂L/∂d² = −M² ds r²,
-        dq_i = 2 (q_i Σ_j g_ij − Σ_j g_ij k_j),  dk_j = 2 (k_j Σ_i g_ij − Σ_i g_ij q_i),  dv = pᵀ do.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, mass_log, kv_groups, eps: float, chunk: int):
-        bsz, hq, s, d = q.shape
-        ke, ve = _fp32(k).index_select(1, kv_groups), _fp32(v).index_select(1, kv_groups)
-        center = ke.mean(
-            dim=2, keepdim=True
-        )  # a common shift leaves ‖q − k‖ unchanged: no gradient
-        qc = (_fp32(q) - center).reshape(bsz * hq, s, d)  # (BH, S, D)
-        kc = (ke - center).reshape(bsz * hq, s, d)
-        vf = ve.reshape(bsz * hq, s, d)
-        m2 = F.softplus(_fp32(mass_log)).square().repeat(bsz).view(-1, 1, 1)  # (BH, 1, 1)
-        qn = qc.pow(2).sum(-1, keepdim=True)  # (BH, S, 1)
-        kn = kc.pow(2).sum(-1).unsqueeze(1)  # (BH, 1, S)
-        out = torch.empty_like(qc)
-        saved = []
-        future = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
-        for a in range(0, s, chunk):
-            b = min(a + chunk, s)
-            r = torch.baddbmm(kn[:, :, :b], qc[:, a:b], kc[:, :b].transpose(1, 2), alpha=-2.0)
-            r.add_(qn[:, a:b]).clamp_min_(0.0).add_(eps).reciprocal_()  # (BH, b − a, b)
-            scores = r * m2
-            scores[:, :, a:b].masked_fill_(future[: b - a, : b - a], float("-inf"))
-            p = torch.softmax(scores, dim=-1)
-            torch.bmm(p, vf[:, :b], out=out[:, a:b])
-            saved += [r, p]
-        ctx.save_for_backward(qc, kc, vf, out, mass_log, kv_groups, *saved)
-        ctx.shape, ctx.chunk = (bsz, hq, k.shape[1], s, d), chunk
-        return out.view(bsz, hq, s, d).to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, dout):
-        qc, kc, vf, out, mass_log, kv_groups, *saved = ctx.saved_tensors
-        bsz, hq, hkv, s, d = ctx.shape
-        do = dout.reshape(bsz * hq, s, d).to(qc.dtype)
-        mass = F.softplus(_fp32(mass_log))
-        m2 = mass.square().repeat(bsz).view(-1, 1, 1)
-        delta = (do * out).sum(-1, keepdim=True)  # (BH, S, 1)
-        dq, dk, dv = torch.empty_like(qc), torch.zeros_like(kc), torch.zeros_like(vf)
-        dm2 = torch.zeros(bsz * hq, dtype=qc.dtype, device=qc.device)
-        for i, a in enumerate(range(0, s, ctx.chunk)):
-            b = min(a + ctx.chunk, s)
-            r, p = saved[2 * i], saved[2 * i + 1]
-            dv[:, :b] += torch.bmm(p.transpose(1, 2), do[:, a:b])
-            g = torch.bmm(do[:, a:b], vf[:, :b].transpose(1, 2))  # dp (BH, b − a, b)
-            g.sub_(delta[:, a:b]).mul_(p).mul_(r)  # ds · r
-            dm2 += g.sum((1, 2))
-            g.mul_(r).mul_(-m2)  # ∂L/∂d²
-            dq[:, a:b] = torch.baddbmm(
-                qc[:, a:b] * g.sum(-1, keepdim=True), g, kc[:, :b], alpha=-1.0
-            )
-            dk_chunk = torch.baddbmm(
-                kc[:, :b] * g.sum(1).unsqueeze(-1), g.transpose(1, 2), qc[:, a:b], alpha=-1.0
-            )
-            dk[:, :b].add_(dk_chunk)
-        dmass = dm2.view(bsz, hq).sum(0) * 2.0 * mass * torch.sigmoid(_fp32(mass_log))
-        zeros = torch.zeros(bsz, hkv, s, d, dtype=qc.dtype, device=qc.device)
-        dk = zeros.index_add(1, kv_groups, dk.view(bsz, hq, s, d) * 2.0)
-        dv = zeros.index_add(1, kv_groups, dv.view(bsz, hq, s, d))
-        dq = dq.view(bsz, hq, s, d) * 2.0
-        return dq.to(dout.dtype), dk, dv, dmass.to(mass_log.dtype), None, None, None
-
-
-def training_kernel(
-    module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask
-) -> torch.Tensor:
-    """`gravity_kernel` hook of a GravityAttention during pretraining: full causal sequences only."""
-    if k.shape[2] != q.shape[2] or module.gravity_block_mask is not None:
-        raise RuntimeError(
-            "the pretraining kernel handles full causal sequences without block masks"
-        )
-    return CausalGravityAttention.apply(
-        q, k, v, module.gravity_mass_log, module.gravity_kv_groups, module.config.gravity_eps, 64
-    )
-
-
-def set_training_kernel(model: GravityForCausalLM, enabled: bool) -> None:
-    """Attach (or remove) the fast causal kernel on every gravity layer."""
-    for attn in model.gravity_layers():
-        if enabled:
-            attn.gravity_kernel = training_kernel
-        elif "gravity_kernel" in attn.__dict__:
-            del attn.gravity_kernel
 
 
 def lr_factor(step: int, cfg: PretrainConfig) -> float:
@@ -634,45 +520,17 @@ reference documentation, has a {cfg.seq_len}-byte context, and makes up plausibl
 
 
 def load_config(path: Path, overrides: list[str] | None = None) -> PretrainConfig:
-    """A PretrainConfig from a flat YAML file plus `key=value` overrides (values parsed as YAML)."""
-    import yaml
+    """A PretrainConfig from a YAML file plus dotted `key=value` overrides (`gravity_sparse.config`)."""
+    from .config import load_config as load
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise UserError(f"{path}: expected a mapping of config keys")
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"override {item!r} is not key=value")
-        values[key.strip()] = yaml.safe_load(value)
-    return PretrainConfig.from_dict(values)
+    return load(PretrainConfig, path, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    """`python -m gravity_sparse.pretrain ...` is `gravity-sparse pretrain ...`."""
+    from .cli import main as cli_main
 
-    parser = argparse.ArgumentParser(description="Pretrain the tiny gravity model.")
-    parser.add_argument("--config", type=Path, default=Path("pipelines/pretrain-tiny.yaml"))
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: out_dir)")
-    parser.add_argument(
-        "--publish", type=Path, default=None, help="copy the finished run here with a model card"
-    )
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        out = args.out or Path(cfg.out_dir)
-        if args.publish is None:
-            run_pretrain(cfg, out)
-        else:
-            print(f"published {publish_checkpoint(out, args.publish)}")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -9,16 +9,15 @@ import torch
 from gravity_sparse import load_model
 from gravity_sparse.data import block_loss, random_blocks, split_text, to_ids
 from gravity_sparse.errors import UserError
+from gravity_sparse.kernels.causal_cpu import CausalGravityAttention, set_training_kernel
 from gravity_sparse.modeling_gravity import GravityForCausalLM, gravity_attention_reference
 from gravity_sparse.pretrain import (
-    CausalGravityAttention,
     PretrainConfig,
     load_config,
     lr_factor,
     make_optimizer,
     model_config,
     run_pretrain,
-    set_training_kernel,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,8 +115,8 @@ def test_masses_have_their_own_group():
 
 
 def test_config_validation():
-    with pytest.raises(UserError, match="unknown config keys: layers"):
-        PretrainConfig.from_dict({"layers": 4})
+    with pytest.raises(UserError, match="unknown config key layers"):
+        load_config(REPO / "pipelines" / "pretrain-tiny.yaml", ["layers=4"])
     with pytest.raises(UserError, match="do not split"):
         PretrainConfig(num_heads=8, num_kv_heads=3, hidden_size=264)
     with pytest.raises(UserError, match="warmup_steps"):
