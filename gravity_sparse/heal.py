@@ -39,7 +39,7 @@ class HealConfig:
     )
     seq_len: int = field(default=512, metadata={"help": "training window, ≤ the masks' max_length"})
     batch_size: int = field(default=8, metadata={"help": "sequences per step"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (LoRA and masses)"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (LoRA and masses)"})
     warmup_fraction: float = field(default=0.05, metadata={"help": "linear warm-up share of steps"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator"})

@@ -63,7 +63,7 @@ def _patterns(cfg, tensors, meta, density: float, head_drop: float):
     solve_cfg = dataclasses.replace(
         cfg.solve,
         density=density,
-        head_drop=head_drop or None,
+        head_drop=head_drop,  # an exact fraction: 0.0 keeps every head
         baselines=baselines,
         exact_layers=0,
     )
