@@ -153,7 +153,7 @@ def test_sweep_equal_budgets_and_outputs(run_setup, capsys):
         "sweep.densities=[0.5,0.9]",
         "sweep.head_drops=[0.25]",
         "sweep.methods=[qubo,greedy,window]",
-        "sweep.heal_token_budget=512",
+        "sweep.heal_token_budget=2048",
         "sweep.eval_max_tokens=512",
     )
     assert rc == 0, err[-2000:]
@@ -163,6 +163,8 @@ def test_sweep_equal_budgets_and_outputs(run_setup, capsys):
     assert {(r["density"], r["heads_kept"]) for r in rows} == {
         (0.5, 6)
     }  # same budget for every method
-    assert all(r["loss_healed"] != r["loss_unhealed"] for r in rows)
+    # healing ran and moved at least one pattern (an unimproved heal keeps the unhealed state)
+    assert any(r["loss_healed"] != r["loss_unhealed"] for r in rows)
+    assert all(r["heal_steps"] == 4 for r in rows)
     assert summary["skipped"][0]["density"] == 0.9  # 6 of 8 heads cannot reach density 0.9
     assert (root / "run" / "sweep" / "pareto.png").stat().st_size > 10_000
