@@ -84,3 +84,13 @@ def test_plain_transformers_loads_it_with_trust_remote_code(loaded, tmp_path):
         generated = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=PAD_ID)
     torch.testing.assert_close(torch.tensor(result["logits"]), logits, rtol=1e-4, atol=1e-4)
     assert result["generated"] == generated[0].tolist()
+
+
+def test_checkpoint_ships_the_current_modeling_files():
+    """trust_remote_code runs the files inside the checkpoint: they must be the package's own."""
+    from gravity_sparse.io import DEFAULT_MODEL
+
+    package = Path(__file__).resolve().parent.parent / "gravity_sparse"
+    for name in ("modeling_gravity.py", "configuration_gravity.py"):
+        shipped = (DEFAULT_MODEL / name).read_text()
+        assert shipped == (package / name).read_text(), f"{name} differs: re-save the checkpoint"
