@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .field import LayerFieldAccumulator, fit_power_law, gravity_scores, head_locality
-from .modeling_gravity import gravity_attention_reference
 
 IMPORTANCE_METHODS = ("ablation", "grad", "both")
 
@@ -139,17 +138,11 @@ def chunked_attention(
         stop = min(s, start + rows)
         keys = offset + stop
         mask = None if attention_mask is None else attention_mask[..., start:stop, :keys]
-        out, probs = gravity_attention_reference(
+        out, probs = module.reference_attention(
             q[:, :, start:stop],
             k[:, :, :keys],
             v[:, :, :keys],
-            module.gravity_mass_log,
-            eps=module.config.gravity_eps,
-            block_mask=module.gravity_block_mask,
-            head_keep=module.gravity_head_keep,
-            block_size=module.config.gravity_block_size,
-            attention_mask=mask,
-            kv_groups=module.gravity_kv_groups,
+            mask,
             return_weights=on_chunk is not None,
         )
         if on_chunk is not None:

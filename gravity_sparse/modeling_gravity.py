@@ -146,18 +146,8 @@ def gravity_attention_forward(
     if kernel is not None and not want_weights:
         out = kernel(module, query, key, value, attention_mask)
         return out.transpose(1, 2).contiguous(), None
-    out, weights = gravity_attention_reference(
-        query,
-        key,
-        value,
-        module.gravity_mass_log,
-        eps=module.config.gravity_eps,
-        block_mask=module.gravity_block_mask,
-        head_keep=module.gravity_head_keep,
-        block_size=module.config.gravity_block_size,
-        attention_mask=attention_mask,
-        kv_groups=module.gravity_kv_groups,
-        return_weights=True,
+    out, weights = module.reference_attention(
+        query, key, value, attention_mask, return_weights=True
     )
     if dropout > 0.0:
         weights = F.dropout(weights, p=dropout, training=module.training)
@@ -228,6 +218,30 @@ class GravityAttention(nn.Module):
                     )
                 value = value.to(device=device, dtype=torch.bool)
             self.register_buffer(name, value)
+
+    def reference_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        return_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`gravity_attention_reference` with this layer's masses, ε, GQA groups and sparsity."""
+        return gravity_attention_reference(
+            q,
+            k,
+            v,
+            self.gravity_mass_log,
+            eps=self.config.gravity_eps,
+            block_mask=self.gravity_block_mask,
+            head_keep=self.gravity_head_keep,
+            block_size=self.config.gravity_block_size,
+            attention_mask=attention_mask,
+            kv_groups=self.gravity_kv_groups,
+            return_weights=return_weights,
+        )
 
     def _maybe_use_triton(self) -> None:
         """On CUDA, a sparse layer runs in gravity_sparse's Triton kernel when that package is importable

@@ -16,7 +16,6 @@ from torch import nn
 from ..modeling_gravity import GravityAttention
 from .api import gravity_attention, resolve_backend
 from .block_index import BlockIndex, build_block_index
-from .reference import reference_attention
 
 DENSE_TILE = 64  # tile size for a model without block masks (every causal block kept)
 _CACHE_SIZE = 8
@@ -85,11 +84,7 @@ class GravityKernel:
         block_mask = module.gravity_block_mask if block_size is not None else None
         head_keep = module.gravity_head_keep
         if attention_mask is not None and not is_plain_causal(attention_mask, s, sk):
-            return reference_attention(
-                q, k, v, module.gravity_mass_log, eps=eps, block_mask=block_mask,
-                head_keep=head_keep, block_size=block_size, kv_groups=module.gravity_kv_groups,
-                attention_mask=attention_mask,
-            )  # fmt: skip
+            return module.reference_attention(q, k, v, attention_mask)[0]
         block_size = block_size or DENSE_TILE
         backend = resolve_backend(self.backend, q.device)
         index = (
