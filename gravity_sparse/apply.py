@@ -2,7 +2,7 @@
 
 Reads `NN_solve/masks.safetensors` (the QUBO's masks) and every `masks_<baseline>.safetensors` beside it, and
 evaluates each on the held-out text at the same sequence length: loss in nats/token and perplexity. The
-sparse attention is the reference path on CPU and the Triton kernel on CUDA (`masks.attach_masks`).
+sparse attention is the chunked CPU kernel on CPU and the Triton kernel on CUDA (`masks.attach_masks`).
 """
 
 from __future__ import annotations
@@ -34,16 +34,16 @@ class ApplyConfig:
         default=None, metadata={"help": "evaluate only the first N tokens (null = all)"}
     )
     baselines: bool = field(default=True, metadata={"help": "also evaluate every baseline's masks"})
-    kernel: str = field(default="auto", metadata={"help": "auto | reference | triton | flex"})
+    kernel: str = field(default="auto", metadata={"help": "auto | cpu | reference | triton | flex"})
 
     def __post_init__(self) -> None:
         if self.seq_len < 1 or self.batch_size < 1:
             raise UserError("apply.seq_len and apply.batch_size must be positive")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UserError("apply.max_tokens must be positive or null")
-        if self.kernel not in ("auto", "reference", "triton", "flex"):
+        if self.kernel not in ("auto", "cpu", "reference", "triton", "flex"):
             raise UserError(
-                f"apply.kernel must be auto, reference, triton or flex, not {self.kernel!r}"
+                f"apply.kernel must be auto, cpu, reference, triton or flex, not {self.kernel!r}"
             )
 
 

@@ -157,7 +157,8 @@ def check_masks_match(model: torch.nn.Module, masks: Masks) -> None:
 def attach_masks(model: torch.nn.Module, masks: Masks, *, kernel: str = "auto") -> torch.nn.Module:
     """Make the model's attention sparse: per-layer head and block masks, and on CUDA the Triton kernel.
 
-    kernel: "auto" (Triton on CUDA, the reference on CPU), "reference", "triton" or "flex".
+    kernel: "auto" (Triton on CUDA, the chunked CPU kernel with its hand-written backward elsewhere),
+    "cpu", "reference" (the specification, autograd through it), "triton" or "flex".
     """
     check_masks_match(model, masks)
     model.config.gravity_block_size = masks.block_size
@@ -165,7 +166,12 @@ def attach_masks(model: torch.nn.Module, masks: Masks, *, kernel: str = "auto") 
     for i, attn in enumerate(model.gravity_layers()):
         attn.set_sparsity(masks.head_keep[i], masks.block_mask[i])
     device = next(model.parameters()).device
-    if kernel != "reference" and (kernel != "auto" or device.type == "cuda"):
+    if kernel == "cpu" or (kernel == "auto" and device.type != "cuda"):
+        from .kernels.causal_cpu import cpu_gravity_kernel
+
+        for attn in model.gravity_layers():
+            attn.gravity_kernel = cpu_gravity_kernel
+    elif kernel != "reference":
         from .kernels import attach_kernel
 
         attach_kernel(model, backend=kernel)

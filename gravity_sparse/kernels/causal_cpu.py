@@ -1,14 +1,18 @@
-"""Dense causal gravity attention with a hand-written backward: the CPU training path of `pretrain`.
+"""Causal gravity attention with a hand-written backward: the CPU training path of `pretrain` and `heal`.
 
-Exact for its case (full causal sequences, no padding, no block mask) and about 3x faster on 2 CPU cores
-than autograd through `gravity_attention_reference`, which it is tested against (forward, gradients,
-gradcheck) in tests/test_pretrain.py.
+Exact for its case (full causal sequences without padding, optionally with a block mask and a head mask)
+and about 3x faster on 2 CPU cores than autograd through `gravity_attention_reference`, which it is tested
+against (forward, gradients, gradcheck) in tests/test_pretrain.py and tests/kernels/test_causal_cpu.py.
+Anything else (cached decode, padding, a mask whose diagonal block is dropped, a sequence longer than the
+mask) goes to the reference, which is the specification.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
+
+from .attach import is_plain_causal
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
@@ -17,10 +21,11 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 class CausalGravityAttention(torch.autograd.Function):
-    """Causal dense gravity attention with a hand-written backward, for training on CPU.
+    """Causal gravity attention with a hand-written backward, for training on CPU.
 
     The same math as `gravity_attention_reference` (centered distances clamped at 0, fp32, GQA through
-    kv_groups) restricted to the training case: Sk == S, causal, no padding, no block mask. It walks the
+    kv_groups) restricted to the training case: Sk == S, causal, no padding. `blocked` (Hq, S, S) bool,
+    True where a block mask forbids a key (every row must keep its own position), or None. It walks the
     queries in chunks of `chunk` rows and scores each chunk only against the keys up to its end, so it
     skips most of the upper triangle, and it keeps two (rows, keys) tensors per chunk for the backward
     (r = 1/(d² + ε) and the probabilities) instead of autograd's dozen: about 3x faster than autograd
@@ -28,13 +33,14 @@ class CausalGravityAttention(torch.autograd.Function):
     rounding makes it negative).
 
     q (B, Hq, S, D), k/v (B, Hkv, S, D), mass_log (Hq,), kv_groups (Hq,) long -> (B, Hq, S, D).
+    Forbidden keys get probability 0, so the backward needs no mask: every term below carries a factor p.
     Backward, with s = M² r, p = softmax(s), o = p v, δ_i = Σ_j p_ij dp_ij = do_i · o_i:
         ds = p (dp − δ),  dM² = Σ ds r,  g = ∂L/∂d² = −M² ds r²,
         dq_i = 2 (q_i Σ_j g_ij − Σ_j g_ij k_j),  dk_j = 2 (k_j Σ_i g_ij − Σ_i g_ij q_i),  dv = pᵀ do.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mass_log, kv_groups, eps: float, chunk: int):
+    def forward(ctx, q, k, v, mass_log, kv_groups, eps: float, chunk: int, blocked=None):
         bsz, hq, s, d = q.shape
         ke, ve = _fp32(k).index_select(1, kv_groups), _fp32(v).index_select(1, kv_groups)
         center = ke.mean(
@@ -55,6 +61,8 @@ class CausalGravityAttention(torch.autograd.Function):
             r.add_(qn[:, a:b]).clamp_min_(0.0).add_(eps).reciprocal_()  # (BH, b − a, b)
             scores = r * m2
             scores[:, :, a:b].masked_fill_(future[: b - a, : b - a], float("-inf"))
+            if blocked is not None:
+                scores.view(bsz, hq, b - a, b).masked_fill_(blocked[:, a:b, :b], float("-inf"))
             p = torch.softmax(scores, dim=-1)
             torch.bmm(p, vf[:, :b], out=out[:, a:b])
             saved += [r, p]
@@ -92,26 +100,62 @@ class CausalGravityAttention(torch.autograd.Function):
         dk = zeros.index_add(1, kv_groups, dk.view(bsz, hq, s, d) * 2.0)
         dv = zeros.index_add(1, kv_groups, dv.view(bsz, hq, s, d))
         dq = dq.view(bsz, hq, s, d) * 2.0
-        return dq.to(dout.dtype), dk, dv, dmass.to(mass_log.dtype), None, None, None
+        return dq.to(dout.dtype), dk, dv, dmass.to(mass_log.dtype), None, None, None, None
 
 
-def training_kernel(
+def cpu_gravity_kernel(
     module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask
 ) -> torch.Tensor:
-    """`gravity_kernel` hook of a GravityAttention during pretraining: full causal sequences only."""
-    if k.shape[2] != q.shape[2] or module.gravity_block_mask is not None:
-        raise RuntimeError(
-            "the pretraining kernel handles full causal sequences without block masks"
-        )
-    return CausalGravityAttention.apply(
-        q, k, v, module.gravity_mass_log, module.gravity_kv_groups, module.config.gravity_eps, 64
+    """`gravity_kernel` hook of a GravityAttention on CPU, dense or sparse: forward and backward.
+
+    Dropped heads are not computed (their output is zero, their parameters get no gradient); block-masked
+    keys get probability 0. Falls back to the reference for cached decode, padding, masks whose diagonal
+    block is dropped for a kept head (rows with nothing allowed) and sequences longer than the mask (the
+    reference raises the readable error).
+    """
+    bsz, hq, s, d = q.shape
+    keep, bm = module.gravity_head_keep, module.gravity_block_mask
+    bs = module.config.gravity_block_size
+    fallback = k.shape[2] != s or (
+        attention_mask is not None and not is_plain_causal(attention_mask, s, s)
     )
+    if bm is not None and not fallback:
+        nb = min(bm.shape[-2:])
+        kept = keep if keep is not None else torch.ones(hq, dtype=torch.bool, device=bm.device)
+        fallback = (
+            bs is None
+            or (s - 1) // bs >= nb
+            or not bool(bm[kept].diagonal(dim1=-2, dim2=-1)[:, : (s - 1) // bs + 1].all())
+        )
+    if fallback:
+        return module.reference_attention(q, k, v, attention_mask)[0]
+    idx = None if keep is None or bool(keep.all()) else keep.nonzero().squeeze(1).to(q.device)
+    mass_log, kv_groups = module.gravity_mass_log, module.gravity_kv_groups
+    if idx is not None:
+        if idx.numel() == 0:
+            return q.new_zeros(q.shape)
+        q, mass_log, kv_groups = (
+            q.index_select(1, idx),
+            mass_log.index_select(0, idx),
+            kv_groups[idx],
+        )
+    blocked = None
+    if bm is not None:
+        pos = torch.arange(s, device=q.device) // bs
+        heads = bm.to(q.device) if idx is None else bm.to(q.device).index_select(0, idx)
+        blocked = ~heads[:, pos][:, :, pos]  # (kept heads, S, S)
+    out = CausalGravityAttention.apply(
+        q, k, v, mass_log, kv_groups, module.config.gravity_eps, 64, blocked
+    )
+    if idx is None:
+        return out
+    return out.new_zeros(bsz, hq, s, d).index_copy(1, idx, out)
 
 
 def set_training_kernel(model: torch.nn.Module, enabled: bool) -> None:
     """Attach (or remove) the fast causal kernel on every gravity layer."""
     for attn in model.gravity_layers():
         if enabled:
-            attn.gravity_kernel = training_kernel
+            attn.gravity_kernel = cpu_gravity_kernel
         elif "gravity_kernel" in attn.__dict__:
             del attn.gravity_kernel

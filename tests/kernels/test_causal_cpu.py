@@ -1,0 +1,125 @@
+"""The chunked CPU kernel with a block mask and a head mask (the heal path on CPU) against the reference."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import random_masks, tiny_model
+
+from gravity_sparse.kernels.causal_cpu import CausalGravityAttention, cpu_gravity_kernel
+from gravity_sparse.masks import Masks, attach_masks
+from gravity_sparse.modeling_gravity import gravity_attention_reference
+
+
+def _inputs(b, hq, hkv, s, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, s, d, generator=g, dtype=dtype) * 0.7
+    k = torch.randn(b, hkv, s, d, generator=g, dtype=dtype) * 0.7 + 0.5
+    v = torch.randn(b, hkv, s, d, generator=g, dtype=dtype)
+    mass_log = torch.linspace(-0.5, 1.5, hq, dtype=dtype)
+    return [t.requires_grad_() for t in (q, k, v, mass_log)]
+
+
+def _block_mask(hq, nb, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(hq, nb, nb, generator=g) < 0.4).tril() | torch.eye(nb, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("s,block,chunk", [(37, 8, 16), (64, 16, 64), (40, 16, 24)])
+def test_block_masked_kernel_matches_reference(s, block, chunk):
+    hq, kv_groups = 4, torch.tensor([0, 0, 1, 1])
+    q, k, v, mass_log = _inputs(2, hq, 2, s, 8, seed=s)
+    nb = -(-s // block)
+    bm = _block_mask(hq, nb, seed=s)
+    assert not bm.tril(-1).all(), "the mask must actually drop blocks"
+    ref, _ = gravity_attention_reference(
+        q, k, v, mass_log, eps=0.1, kv_groups=kv_groups, block_mask=bm, block_size=block
+    )
+    dense, _ = gravity_attention_reference(q, k, v, mass_log, eps=0.1, kv_groups=kv_groups)
+    assert (ref - dense).abs().max() > 1e-3, "the block mask must change the output"
+    pos = torch.arange(s) // block
+    blocked = ~bm[:, pos][:, :, pos]
+    out = CausalGravityAttention.apply(q, k, v, mass_log, kv_groups, 0.1, chunk, blocked)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    weight = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad((ref * weight).sum(), (q, k, v, mass_log))
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v, mass_log))
+    for name, g, g_ref in zip("q k v mass_log".split(), grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+
+
+def test_block_masked_kernel_gradcheck():
+    q, k, v, mass_log = _inputs(1, 4, 2, 12, 3, dtype=torch.float64)
+    kv_groups = torch.tensor([0, 1, 1, 0])
+    pos = torch.arange(12) // 4
+    blocked = ~_block_mask(4, 3, seed=1)[:, pos][:, :, pos]
+    assert torch.autograd.gradcheck(
+        lambda *x: CausalGravityAttention.apply(*x, kv_groups, 0.1, 5, blocked),
+        (q, k, v, mass_log),
+    )
+
+
+def _pair(masks):
+    """The same tiny model twice, masks attached: the reference path and the CPU kernel."""
+    ref = attach_masks(tiny_model(seed=3), masks, kernel="reference")
+    fast = attach_masks(copy.deepcopy(ref), masks, kernel="cpu")
+    assert all(a.gravity_kernel is cpu_gravity_kernel for a in fast.gravity_layers())
+    return ref, fast
+
+
+def test_model_with_masks_same_loss_and_gradients_as_reference():
+    masks = random_masks(nb=4, block=16)  # layer 0 drops head 1, layer 1 drops all its heads
+    ref, fast = _pair(masks)
+    x = torch.randint(0, 256, (2, 57), generator=torch.Generator().manual_seed(0))
+    losses, grads = [], []
+    for model in (ref, fast):
+        model.train()
+        loss = model(input_ids=x, labels=x).loss
+        params = [p for p in model.parameters() if p.requires_grad]
+        losses.append(loss.detach())
+        got = torch.autograd.grad(loss, params, allow_unused=True)
+        grads.append(
+            [torch.zeros_like(p) if g is None else g for p, g in zip(params, got, strict=True)]
+        )
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for g_fast, g_ref in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-3, atol=1e-5)
+    # a dropped head's query rows get no gradient; a kept head's do
+    names = [n for n, p in fast.named_parameters() if p.requires_grad]
+    q_grad = dict(zip(names, grads[1], strict=True))
+    head_dim = fast.config.hidden_size // fast.config.num_attention_heads
+    w0 = q_grad["model.layers.0.self_attn.q_proj.weight"].view(4, head_dim, -1).abs().amax((1, 2))
+    assert w0[1] == 0 and (w0[[0, 2, 3]] > 0).all()
+    assert q_grad["model.layers.1.self_attn.q_proj.weight"].abs().max() == 0
+
+
+def test_padding_and_dropped_diagonals_fall_back_to_the_reference():
+    masks = random_masks(nb=4, block=16)
+    ref, fast = _pair(masks)
+    x = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    att = torch.ones_like(x)
+    att[0, :7] = 0  # left padding
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fast(input_ids=x, attention_mask=att).logits[1:],
+            ref(input_ids=x, attention_mask=att).logits[1:],
+        )
+        torch.testing.assert_close(
+            fast(input_ids=x, attention_mask=att).logits[0, 7:],
+            ref(input_ids=x, attention_mask=att).logits[0, 7:],
+        )
+    no_diag = Masks(masks.head_keep, masks.block_mask.clone(), masks.block_size, masks.max_length)
+    no_diag.block_mask[0, 0, 2, 2] = False  # rows 32-47 of layer 0 head 0 see nothing
+    ref2 = attach_masks(copy.deepcopy(ref), no_diag, kernel="reference")
+    fast2 = attach_masks(copy.deepcopy(ref), no_diag, kernel="cpu")
+    with torch.no_grad():
+        out_ref, out_fast = ref2(input_ids=x).logits, fast2(input_ids=x).logits
+    assert torch.isfinite(out_fast).all()
+    torch.testing.assert_close(out_fast, out_ref)
+
+
+def test_sequence_longer_than_the_mask_is_a_readable_error():
+    _, fast = _pair(random_masks(nb=4, block=16))
+    x = torch.zeros(1, 65, dtype=torch.long)
+    with pytest.raises(ValueError, match="longer than the block mask"):
+        fast(input_ids=x)
