@@ -6,6 +6,11 @@ weights). Driven by transformers `Trainer`, so `accelerate launch` / `torchrun` 
 unchanged. Brief by design: a token budget sets the number of steps; the heal split is divided into a train
 part and a validation part used for early stopping (the best validation state is kept); the held-out text is
 only evaluated, before and after. LoRA is merged into the weights at the end.
+
+Defaults (rank 64, half next-token loss and half distillation from the dense model) are what healed the
+tiny model best at a fixed token budget (benchmarks/results/*-tiny-heal-cpu.md): distillation alone and
+rank 16 both healed less. On CPU the sparse attention runs in the chunked kernel with a hand-written
+backward (`masks.attach_masks`), on CUDA in the Triton kernels.
 """
 
 from __future__ import annotations
@@ -41,11 +46,11 @@ class HealConfig:
     batch_size: int = field(default=8, metadata={"help": "sequences per step"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (LoRA and masses)"})
     warmup_fraction: float = field(default=0.05, metadata={"help": "linear warm-up share of steps"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator"})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=128, metadata={"help": "LoRA scale numerator"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     distill: float = field(
-        default=0.0,
+        default=0.5,
         metadata={
             "help": "weight of self-distillation from the dense model (KL to its next-token "
             "distribution); 0 = plain next-token loss, 1 = distillation only"
@@ -119,28 +124,19 @@ class KeepBest(TrainerCallback):
 @contextmanager
 def dense_teacher(model: torch.nn.Module, masses: list[torch.Tensor]):
     """The original dense model, borrowed from the sparse one being healed: adapters off, block/head
-    masks and kernels detached, the masses set back to their values before healing; all restored after."""
+    masks detached, the masses set back to their values before healing; all restored after. An attached
+    kernel stays (the CPU and Triton kernels run dense attention when the layer has no masks)."""
     layers = model.get_base_model().gravity_layers()
-    saved = [
-        (
-            a.gravity_head_keep,
-            a.gravity_block_mask,
-            getattr(a, "gravity_kernel", None),
-            a.gravity_mass_log.data,
-        )
-        for a in layers
-    ]
+    saved = [(a.gravity_head_keep, a.gravity_block_mask, a.gravity_mass_log.data) for a in layers]
     try:
         with model.disable_adapter():
             for a, m in zip(layers, masses, strict=True):
                 a.set_sparsity(None, None)
-                a.gravity_kernel = None
                 a.gravity_mass_log.data = m
             yield model
     finally:
-        for a, (hk, bm, kernel, mass) in zip(layers, saved, strict=True):
+        for a, (hk, bm, mass) in zip(layers, saved, strict=True):
             a.set_sparsity(hk, bm)
-            a.gravity_kernel = kernel
             a.gravity_mass_log.data = mass
 
 
