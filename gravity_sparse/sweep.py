@@ -40,7 +40,9 @@ class SweepConfig:
     heal_token_budget: int = field(
         default=65536, metadata={"help": "training tokens per heal in the sweep"}
     )
-    eval_max_tokens: int = field(default=16384, metadata={"help": "held-out tokens evaluated"})
+    eval_max_tokens: int = field(
+        default=16384, metadata={"help": "held-out tokens evaluated at most"}
+    )
 
     def __post_init__(self) -> None:
         if not self.densities or not all(0.0 < d <= 1.0 for d in self.densities):
@@ -95,7 +97,7 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
     ids = to_ids(resolve_text(apply_cfg.eval_text))
     dtype, device = cfg.model.torch_dtype(), cfg.model.torch_device()
     base, _ = load_model(cfg.model.path, dtype=dtype, device=device)
-    dense_loss, _ = sparse_loss(base, None, ids, apply_cfg)
+    dense_loss, scored = sparse_loss(base, None, ids, apply_cfg)
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -139,7 +141,7 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
     summary = {
         "model": str(cfg.model.path or "checkpoints/gravity-tiny"),
         "eval_text": apply_cfg.eval_text,
-        "eval_tokens": sw.eval_max_tokens,
+        "eval_tokens": scored,  # tokens actually scored (≤ sweep.eval_max_tokens)
         "heal_token_budget": sw.heal_token_budget if sw.heal else None,
         "loss_dense": dense_loss,
         "wall_s": round(time.perf_counter() - start, 1),
