@@ -22,7 +22,10 @@ depends on how sharply the head discriminates between keys, and the learned mass
 gravity score lies in (0, R_h], R_h = M_h²/ε, so no key can be preferred over another by more than a factor
 e^{R_h}. A light head (R_h ≲ 1 nat) averages over many keys, its dropped and kept value means nearly agree,
 and dropped mass costs little; a heavy head picks out specific tokens, and mass it loses is mass pointed at
-something that matters. Hence a sharpness weight w_h = R_h / (R_h + R_0) ∈ (0, 1) (R_0 = `mass_scale`) and
+something that matters. Hence a sharpness weight w_h = R_h / (R_h + R_0) ∈ (0, 1), R_0 = `mass_scale` × the
+median R_h of the model — relative, because the masses' overall size differs by model (Gravity-2 starts at
+M = 0.5, R = 2.5; the tiny model learned M ≈ 4–7, R ≈ 140–460, where a fixed R_0 = 1 left every w_h ≈ 1
+and the masses without effect; relative R_0 lowered its unhealed loss at densities 0.2/0.35/0.5) — and
 
     c_hb = S_h · w_h · f_h[qb, kb] / NQB        (f = a block field whose every row sums to 1)
 
@@ -96,11 +99,13 @@ class Terms:
 
 
 def mass_weight(mass: np.ndarray, eps: float, mass_scale: float) -> np.ndarray:
-    """w_h = R_h / (R_h + R_0) with R_h = M_h²/ε the score bound; R_0 ≤ 0 switches the weighting off."""
-    if mass_scale <= 0:
+    """w_h = R_h / (R_h + R_0), R_h = M_h²/ε the score bound, R_0 = mass_scale × the median R_h of the
+    model (so w = ½ at the median head for mass_scale 1, whatever the masses' overall size); mass_scale ≤ 0
+    switches the weighting off."""
+    if mass_scale <= 0 or mass.size == 0:
         return np.ones_like(mass)
     bound = mass**2 / eps
-    return bound / (bound + mass_scale)
+    return bound / (bound + mass_scale * max(float(np.median(bound)), 1e-12))
 
 
 def build_terms(

@@ -94,7 +94,10 @@ class SolveConfig:
     eps: float = field(default=0.1, metadata={"help": "gravity ε of the model (score bound M²/ε)"})
     mass_scale: float = field(
         default=1.0,
-        metadata={"help": "R_0 (nats) in the mass weight R/(R+R_0), R = M²/ε; 0 disables it"},
+        metadata={
+            "help": "R_0 in the mass weight R/(R+R_0), R = M²/ε, as a multiple of the model's "
+            "median R; 0 disables it"
+        },
     )
     redundancy_weight: float = field(
         default=0.5, metadata={"help": "ρ: weight of the drop-both penalty of redundant head pairs"}

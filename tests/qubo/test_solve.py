@@ -21,6 +21,7 @@ from gravity_sparse.qubo.formulation import (
     canonical,
     causal_blocks_per_head,
     computed_blocks,
+    mass_weight,
     objective,
     split_state,
     violations,
@@ -249,3 +250,16 @@ def test_field_from_other_model_is_a_user_error(small_field, tmp_path: Path):
 def test_config_round_trips_through_json():
     cfg = SolveConfig(density=0.4, head_drop=0.1, beta_range=[0.1, 10.0], baselines=["greedy"])
     assert SolveConfig(**json.loads(json.dumps(asdict(cfg)))) == cfg
+
+
+def test_mass_weight_is_relative_to_the_median_head():
+    mass = np.array([[0.5, 1.0, 2.0], [4.0, 6.0, 8.0]])
+    w = mass_weight(mass, eps=0.1, mass_scale=1.0)
+    assert w[0, 2] < 0.5 < w[1, 0]  # the median bound lies between M = 2 and M = 4
+    assert np.all(np.diff(w.ravel()[np.argsort(mass.ravel())]) > 0)  # heavier head, larger weight
+    np.testing.assert_allclose(
+        mass_weight(mass * 7.0, 0.1, 1.0), w
+    )  # the masses' overall size cancels
+    odd = np.array([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(mass_weight(odd, 0.1, 1.0)[1], 0.5)  # w = ½ at the median head
+    assert np.all(mass_weight(mass, 0.1, 0.0) == 1.0)  # switched off
