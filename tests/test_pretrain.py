@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import assert_same_output_and_grads, attention_inputs
 
 from gravity_sparse import load_model
 from gravity_sparse.data import block_loss, random_blocks, split_text, to_ids
@@ -43,35 +44,19 @@ MICRO = dict(
 )
 
 
-def _inputs(b, hq, hkv, s, d, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, s, d, generator=g, dtype=dtype) * 0.7
-    k = (
-        torch.randn(b, hkv, s, d, generator=g, dtype=dtype) * 0.7 + 0.5
-    )  # off-center: tests centering
-    v = torch.randn(b, hkv, s, d, generator=g, dtype=dtype)
-    mass_log = torch.linspace(-0.5, 1.5, hq, dtype=dtype)
-    return [t.requires_grad_() for t in (q, k, v, mass_log)]
-
-
 @pytest.mark.parametrize(
     "s,chunk,groups", [(37, 16, [0, 0, 1, 1]), (70, 64, [0, 1, 0, 1]), (16, 16, [1, 1, 0, 0])]
 )
 def test_causal_kernel_matches_reference_forward_and_backward(s, chunk, groups):
     kv_groups = torch.tensor(groups)
-    q, k, v, mass_log = _inputs(2, 4, 2, s, 8)
+    q, k, v, mass_log = attention_inputs(2, 4, 2, s, 8)
     ref, _ = gravity_attention_reference(q, k, v, mass_log, eps=0.1, kv_groups=kv_groups)
     out = CausalGravityAttention.apply(q, k, v, mass_log, kv_groups, 0.1, chunk)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    weight = torch.randn_like(ref)
-    grads_ref = torch.autograd.grad((ref * weight).sum(), (q, k, v, mass_log))
-    grads = torch.autograd.grad((out * weight).sum(), (q, k, v, mass_log))
-    for name, g, g_ref in zip("q k v mass_log".split(), grads, grads_ref, strict=True):
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+    assert_same_output_and_grads(out, ref, (q, k, v, mass_log))
 
 
 def test_causal_kernel_gradcheck():
-    q, k, v, mass_log = _inputs(1, 4, 2, 9, 3, dtype=torch.float64)
+    q, k, v, mass_log = attention_inputs(1, 4, 2, 9, 3, dtype=torch.float64)
     kv_groups = torch.tensor([0, 0, 1, 1])
     assert torch.autograd.gradcheck(
         lambda *x: CausalGravityAttention.apply(*x, kv_groups, 0.1, 4), (q, k, v, mass_log)

@@ -42,3 +42,23 @@ def random_masks(L=2, H=4, nb=4, block=16, seed=0, drop=((0, 1), (1, 0), (1, 1),
         head_keep[layer, head] = False
     grid = (torch.rand(L, H, nb, nb, generator=g) < 0.5).tril() | torch.eye(nb, dtype=torch.bool)
     return Masks(head_keep, grid & head_keep[..., None, None], block, nb * block)
+
+
+def attention_inputs(b, hq, hkv, s, d, dtype=torch.float32, seed=0):
+    """q, k, v, mass_log for attention kernels, requiring grad; keys off-center (tests centering)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, s, d, generator=g, dtype=dtype) * 0.7
+    k = torch.randn(b, hkv, s, d, generator=g, dtype=dtype) * 0.7 + 0.5
+    v = torch.randn(b, hkv, s, d, generator=g, dtype=dtype)
+    mass_log = torch.linspace(-0.5, 1.5, hq, dtype=dtype)
+    return [t.requires_grad_() for t in (q, k, v, mass_log)]
+
+
+def assert_same_output_and_grads(out, ref, inputs, names="q k v mass_log"):
+    """out == ref, and the gradients of a random projection of each w.r.t. `inputs` agree."""
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    weight = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad((ref * weight).sum(), inputs)
+    grads = torch.autograd.grad((out * weight).sum(), inputs)
+    for name, g, g_ref in zip(names.split(), grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")

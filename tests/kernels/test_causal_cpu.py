@@ -4,20 +4,11 @@ import copy
 
 import pytest
 import torch
-from tiny_models import random_masks, tiny_model
+from tiny_models import assert_same_output_and_grads, attention_inputs, random_masks, tiny_model
 
 from gravity_sparse.kernels.causal_cpu import CausalGravityAttention, cpu_gravity_kernel
 from gravity_sparse.masks import Masks, attach_masks
 from gravity_sparse.modeling_gravity import gravity_attention_reference
-
-
-def _inputs(b, hq, hkv, s, d, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, s, d, generator=g, dtype=dtype) * 0.7
-    k = torch.randn(b, hkv, s, d, generator=g, dtype=dtype) * 0.7 + 0.5
-    v = torch.randn(b, hkv, s, d, generator=g, dtype=dtype)
-    mass_log = torch.linspace(-0.5, 1.5, hq, dtype=dtype)
-    return [t.requires_grad_() for t in (q, k, v, mass_log)]
 
 
 def _block_mask(hq, nb, seed):
@@ -28,7 +19,7 @@ def _block_mask(hq, nb, seed):
 @pytest.mark.parametrize("s,block,chunk", [(37, 8, 16), (64, 16, 64), (40, 16, 24)])
 def test_block_masked_kernel_matches_reference(s, block, chunk):
     hq, kv_groups = 4, torch.tensor([0, 0, 1, 1])
-    q, k, v, mass_log = _inputs(2, hq, 2, s, 8, seed=s)
+    q, k, v, mass_log = attention_inputs(2, hq, 2, s, 8, seed=s)
     nb = -(-s // block)
     bm = _block_mask(hq, nb, seed=s)
     assert not bm.tril(-1).all(), "the mask must actually drop blocks"
@@ -40,16 +31,11 @@ def test_block_masked_kernel_matches_reference(s, block, chunk):
     pos = torch.arange(s) // block
     blocked = ~bm[:, pos][:, :, pos]
     out = CausalGravityAttention.apply(q, k, v, mass_log, kv_groups, 0.1, chunk, blocked)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    weight = torch.randn_like(ref)
-    grads_ref = torch.autograd.grad((ref * weight).sum(), (q, k, v, mass_log))
-    grads = torch.autograd.grad((out * weight).sum(), (q, k, v, mass_log))
-    for name, g, g_ref in zip("q k v mass_log".split(), grads, grads_ref, strict=True):
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+    assert_same_output_and_grads(out, ref, (q, k, v, mass_log))
 
 
 def test_block_masked_kernel_gradcheck():
-    q, k, v, mass_log = _inputs(1, 4, 2, 12, 3, dtype=torch.float64)
+    q, k, v, mass_log = attention_inputs(1, 4, 2, 12, 3, dtype=torch.float64)
     kv_groups = torch.tensor([0, 1, 1, 0])
     pos = torch.arange(12) // 4
     blocked = ~_block_mask(4, 3, seed=1)[:, pos][:, :, pos]
