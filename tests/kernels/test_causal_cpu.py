@@ -53,7 +53,21 @@ def _pair(masks):
     return ref, fast
 
 
-def test_model_with_masks_same_loss_and_gradients_as_reference():
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls of the CPU kernel's autograd function (a fallback does not call it)."""
+    calls = []
+    apply = CausalGravityAttention.apply
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return apply(*args)
+
+    monkeypatch.setattr(CausalGravityAttention, "apply", counted)
+    return calls
+
+
+def test_model_with_masks_same_loss_and_gradients_as_reference(kernel_calls):
     masks = random_masks(nb=4, block=16)  # layer 0 drops head 1, layer 1 drops all its heads
     ref, fast = _pair(masks)
     x = torch.randint(0, 256, (2, 57), generator=torch.Generator().manual_seed(0))
@@ -67,6 +81,8 @@ def test_model_with_masks_same_loss_and_gradients_as_reference():
         grads.append(
             [torch.zeros_like(p) if g is None else g for p, g in zip(params, got, strict=True)]
         )
+    # the kernel really ran (no fallback), on layer 0's three kept heads only
+    assert kernel_calls == [torch.Size([2, 3, 57, 16])]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for g_fast, g_ref in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-3, atol=1e-5)
@@ -79,21 +95,17 @@ def test_model_with_masks_same_loss_and_gradients_as_reference():
     assert q_grad["model.layers.1.self_attn.q_proj.weight"].abs().max() == 0
 
 
-def test_padding_and_dropped_diagonals_fall_back_to_the_reference():
+def test_padding_and_dropped_diagonals_fall_back_to_the_reference(kernel_calls):
     masks = random_masks(nb=4, block=16)
     ref, fast = _pair(masks)
     x = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     att = torch.ones_like(x)
     att[0, :7] = 0  # left padding
     with torch.no_grad():
-        torch.testing.assert_close(
-            fast(input_ids=x, attention_mask=att).logits[1:],
-            ref(input_ids=x, attention_mask=att).logits[1:],
-        )
-        torch.testing.assert_close(
-            fast(input_ids=x, attention_mask=att).logits[0, 7:],
-            ref(input_ids=x, attention_mask=att).logits[0, 7:],
-        )
+        got = fast(input_ids=x, attention_mask=att).logits
+        want = ref(input_ids=x, attention_mask=att).logits
+    torch.testing.assert_close(got[1:], want[1:])
+    torch.testing.assert_close(got[0, 7:], want[0, 7:])
     no_diag = Masks(masks.head_keep, masks.block_mask.clone(), masks.block_size, masks.max_length)
     no_diag.block_mask[0, 0, 2, 2] = False  # rows 32-47 of layer 0 head 0 see nothing
     ref2 = attach_masks(copy.deepcopy(ref), no_diag, kernel="reference")
@@ -102,6 +114,7 @@ def test_padding_and_dropped_diagonals_fall_back_to_the_reference():
         out_ref, out_fast = ref2(input_ids=x).logits, fast2(input_ids=x).logits
     assert torch.isfinite(out_fast).all()
     torch.testing.assert_close(out_fast, out_ref)
+    assert kernel_calls == []  # every call above fell back (layer 1 has no kept head at all)
 
 
 def test_sequence_longer_than_the_mask_is_a_readable_error():
