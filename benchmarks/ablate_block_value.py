@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gravity_sparse.apply import sparse_loss
 from gravity_sparse.config import load_config
-from gravity_sparse.data import resolve_text, to_ids
+from gravity_sparse.data import encode_text, resolve_text
 from gravity_sparse.io import load_model
 from gravity_sparse.masks import Masks
 from gravity_sparse.pipeline import PipelineConfig
@@ -36,10 +36,10 @@ def main() -> int:
     args = p.parse_args()
     cfg = load_config(PipelineConfig, args.config, args.overrides)
     tensors, meta = read_field(require_stage(cfg.run_path(), "measure") / "field.safetensors")
-    model, _ = load_model(
+    model, tok = load_model(
         cfg.model.path, dtype=cfg.model.torch_dtype(), device=cfg.model.torch_device()
     )
-    ids = to_ids(resolve_text(cfg.apply.eval_text))
+    ids = encode_text(tok, resolve_text(cfg.apply.eval_text))
     block, length = int(meta["block_size"]), int(meta["seq_len"])
     rows = [{"pattern": "dense", "loss": sparse_loss(model, None, ids, cfg.apply)[0]}]
     start = time.perf_counter()

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from gravity_sparse.data import eval_loss, resolve_text, to_ids
+from gravity_sparse.data import encode_text, eval_loss, resolve_text
 from gravity_sparse.io import load_model
 from gravity_sparse.masks import attach_masks, read_masks
 from gravity_sparse.stage import require_stage
@@ -30,9 +30,9 @@ def full_heldout(run: Path, meta: dict) -> tuple[float, float, int]:
     heal_dir = require_stage(run, "heal")
     name = "masks.safetensors" if cfg["masks"] == "qubo" else f"masks_{cfg['masks']}.safetensors"
     masks = read_masks(require_stage(run, "solve") / name)
-    ids = to_ids(resolve_text(cfg["heal"]["eval_text"]))
     seq, batch = cfg["heal"]["seq_len"], cfg["heal"]["eval_batch_size"]
-    dense, _ = load_model(cfg["model"]["path"])
+    dense, tok = load_model(cfg["model"]["path"])
+    ids = encode_text(tok, resolve_text(cfg["heal"]["eval_text"]))
     healed, _ = load_model(heal_dir / "merged")
     attach_masks(healed, masks)
     dense_loss, tokens = eval_loss(dense, ids, seq, batch)

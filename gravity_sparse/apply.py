@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .data import eval_loss, resolve_text, to_ids
+from .data import encode_text, eval_loss, resolve_text
 from .errors import UserError
 from .masks import Masks, attach_masks, detach_masks, read_masks
 
@@ -76,10 +76,13 @@ def sparse_loss(
 
 
 def evaluate_masks(
-    model: torch.nn.Module, mask_files: dict[str, Path], cfg: ApplyConfig
+    model: torch.nn.Module, tokenizer: Any, mask_files: dict[str, Path], cfg: ApplyConfig
 ) -> list[dict[str, Any]]:
-    """One row per pattern (dense first): method, density, heads kept, loss, perplexity, tokens."""
-    ids = to_ids(resolve_text(cfg.eval_text))
+    """One row per pattern (dense first): method, density, heads kept, loss, perplexity, tokens.
+
+    The held-out text becomes ids through the model's own `tokenizer`; losses are nats per its token.
+    """
+    ids = encode_text(tokenizer, resolve_text(cfg.eval_text))
     rows = []
     loss, n = sparse_loss(model, None, ids, cfg)
     heads = sum(a.num_heads for a in model.gravity_layers())

@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from .configuration_gravity import GravityConfig
 from .errors import UserError
 from .export import prune_model
 from .masks import Masks, extend_masks
-from .modeling_gravity import GravityForCausalLM
+from .modeling_gravity import GravityForCausalLM, cache_kwarg
 
 
 @dataclass
@@ -111,11 +112,12 @@ def _prefill(model: GravityForCausalLM, ids: torch.Tensor) -> None:
 
 @torch.no_grad()
 def _decode(model: GravityForCausalLM, context: torch.Tensor, steps: int) -> None:
-    out = model(input_ids=context, use_cache=True, logits_to_keep=1)
-    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache = DynamicCache(config=model.config)  # filled in place by every forward
+    out = model(input_ids=context, use_cache=True, logits_to_keep=1, **cache_kwarg(cache))
+    nxt = out.logits[:, -1:].argmax(-1)
     for _ in range(steps):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=nxt, use_cache=True, **cache_kwarg(cache))
+        nxt = out.logits[:, -1:].argmax(-1)
 
 
 def _peak(device: torch.device, fn) -> int | None:
@@ -146,10 +148,29 @@ def sparse_model(
     return pruned
 
 
+def _prompt(
+    prompt_ids: torch.Tensor | None, vocab: int, batch: int, length: int, gen: torch.Generator
+) -> torch.Tensor:
+    """(batch, length) ids: the tokenized text (repeated if short, each row from its own offset), or
+    random ids when there is no text (the synthetic model has no tokenizer)."""
+    if prompt_ids is None or prompt_ids.numel() == 0:
+        return torch.randint(0, vocab, (batch, length), generator=gen)
+    reps = -(-(length + batch * 97) // prompt_ids.numel())
+    stream = prompt_ids.repeat(reps)
+    return torch.stack([stream[r * 97 : r * 97 + length] for r in range(batch)])
+
+
 def run_bench(
-    model: GravityForCausalLM, masks: Masks, cfg: BenchConfig, seed: int = 0
+    model: GravityForCausalLM,
+    masks: Masks,
+    cfg: BenchConfig,
+    seed: int = 0,
+    prompt_ids: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Time dense vs pruned-sparse prefill and decode; returns rows plus device and versions."""
+    """Time dense vs pruned-sparse prefill and decode; returns rows plus device and versions.
+
+    `prompt_ids`: held-out text through the model's own tokenizer (None: random ids).
+    """
     device = next(model.parameters()).device
     longest = max(max(cfg.prefill_lengths), cfg.decode_context + cfg.decode_tokens)
     if longest > model.config.max_position_embeddings:
@@ -162,12 +183,12 @@ def run_bench(
     vocab = model.config.vocab_size
     rows: list[dict[str, Any]] = []
     for length in cfg.prefill_lengths:
-        ids = torch.randint(0, vocab, (cfg.batch_size, length), generator=gen).to(device)
+        ids = _prompt(prompt_ids, vocab, cfg.batch_size, length, gen).to(device)
         for name, m in (("dense", model), ("sparse", sparse)):
             t = _median_time(lambda m=m, ids=ids: _prefill(m, ids), device, cfg.repeats, cfg.warmup)
             peak = _peak(device, lambda m=m, ids=ids: _prefill(m, ids))
             rows.append(_row("prefill", name, length, cfg.batch_size * length / t, t, peak))
-    ctx = torch.randint(0, vocab, (cfg.batch_size, cfg.decode_context), generator=gen).to(device)
+    ctx = _prompt(prompt_ids, vocab, cfg.batch_size, cfg.decode_context, gen).to(device)
     for name, m in (("dense", model), ("sparse", sparse)):
         # decode time = (prefill + steps) − prefill: only the cached single-token steps count
         total = _median_time(

@@ -15,7 +15,9 @@ topic goes to train. A split's text is its topics' texts in
 that order, joined by a blank line. Sizes on Python 3.11: see `split_sizes()` and the model card of
 `checkpoints/gravity-tiny`.
 
-Tokens are bytes (see `tokenizer.py`), so nats per token = nats per byte.
+Text becomes token ids only through the model's own tokenizer (`encode_text`), in every stage; lengths and
+budgets count that tokenizer's tokens. The bundled tiny model's tokenizer is byte-level (`tokenizer.py`),
+so for it nats per token = nats per byte.
 
 Blocks: `token_blocks(ids, seq_len)` cuts a token stream into non-overlapping windows of seq_len + 1
 tokens, (N, seq_len + 1), consecutive windows sharing one token so that inputs `[:, :-1]` and targets
@@ -34,7 +36,6 @@ import torch
 from torch.nn import functional as F
 
 from .errors import UserError
-from .tokenizer import encode_bytes
 
 SPLITS = ("train", "calibration", "heal", "heldout")
 # (split, byte fraction target), filled in this order; whatever is left is train
@@ -119,13 +120,28 @@ def resolve_text(source: str | Sequence[str | Path]) -> str:
     return load_text_files([source] if isinstance(source, (str, Path)) else source)
 
 
-def to_ids(text_or_ids: str | bytes | Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """A 1-D long tensor of token ids from text (UTF-8 bytes), bytes or ids."""
-    if isinstance(text_or_ids, str):
-        text_or_ids = text_or_ids.encode("utf-8")
-    if isinstance(text_or_ids, bytes):
-        return torch.tensor(encode_bytes(text_or_ids), dtype=torch.long)
-    return torch.as_tensor(text_or_ids, dtype=torch.long).flatten()
+def encode_text(tokenizer, text: str) -> torch.Tensor:
+    """Token ids (1-D long) of a text through the model's own tokenizer, with no special tokens added.
+
+    `tokenizer` is a transformers tokenizer (e.g. the second value `load_model` returns).
+    """
+    if tokenizer is None:
+        raise UserError(
+            "text can only become token ids through the model's tokenizer, and it has none"
+        )
+    if not isinstance(text, str):
+        raise TypeError(f"encode_text takes a str, not {type(text).__name__}")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def to_ids(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """A 1-D long tensor of token ids. Text is refused: it goes through `encode_text` and a tokenizer."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(
+            "to_ids takes token ids; turn text into ids with encode_text(tokenizer, text)"
+        )
+    return torch.as_tensor(ids, dtype=torch.long).flatten()
 
 
 def token_blocks(
@@ -136,7 +152,8 @@ def token_blocks(
     n = (ids.numel() - 1) // seq_len
     if n < 1:
         raise UserError(
-            f"text of {ids.numel()} tokens is shorter than one sequence of {seq_len} + 1 tokens"
+            f"text of {ids.numel()} tokens is shorter than one sequence of {seq_len} + 1 tokens "
+            "(tokens of the model's tokenizer)"
         )
     if max_blocks is not None:
         n = min(n, max_blocks)
@@ -160,8 +177,8 @@ class BlockDataset(torch.utils.data.Dataset):
     `labels` are the inputs themselves (transformers shifts them), each (seq_len,).
     """
 
-    def __init__(self, text_or_ids: str | bytes | Sequence[int] | torch.Tensor, seq_len: int):
-        self.blocks = token_blocks(text_or_ids, seq_len)[:, :-1]  # (N, seq_len)
+    def __init__(self, ids: Sequence[int] | torch.Tensor, seq_len: int):
+        self.blocks = token_blocks(ids, seq_len)[:, :-1]  # (N, seq_len)
 
     def __len__(self) -> int:
         return self.blocks.shape[0]
@@ -189,7 +206,7 @@ def block_loss(
 @torch.no_grad()
 def eval_loss(
     model: torch.nn.Module,
-    text_or_ids: str | bytes | Sequence[int] | torch.Tensor,
+    ids: Sequence[int] | torch.Tensor,
     seq_len: int,
     batch_size: int,
     max_tokens: int | None = None,
@@ -200,7 +217,7 @@ def eval_loss(
     ceil(max_tokens / seq_len) windows count.
     """
     max_blocks = None if max_tokens is None else max(1, math.ceil(max_tokens / seq_len))
-    blocks = token_blocks(text_or_ids, seq_len, max_blocks)
+    blocks = token_blocks(ids, seq_len, max_blocks)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

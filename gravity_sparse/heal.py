@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from .data import BlockDataset, eval_loss, resolve_text, to_ids
+from .data import BlockDataset, encode_text, eval_loss, resolve_text
 from .errors import UserError
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -203,12 +203,15 @@ def split_heal_text(
 
 
 def heal_model(
-    model: torch.nn.Module, cfg: HealConfig, scratch: Path, seed: int = 0
+    model: torch.nn.Module, tokenizer: Any, cfg: HealConfig, scratch: Path, seed: int = 0
 ) -> tuple[Any, dict[str, Any]]:
-    """LoRA-heal `model` (masks already attached). Returns (peft model, unmerged; a record of training)."""
+    """LoRA-heal `model` (masks already attached) on `cfg.text` through the model's `tokenizer`.
+
+    Returns (peft model, unmerged; a record of training).
+    """
     from peft import LoraConfig, get_peft_model
 
-    ids = to_ids(resolve_text(cfg.text))
+    ids = encode_text(tokenizer, resolve_text(cfg.text))
     train_ids, val_ids = split_heal_text(ids, cfg.val_fraction, cfg.seq_len)
     train_set, val_set = BlockDataset(train_ids, cfg.seq_len), BlockDataset(val_ids, cfg.seq_len)
     lora = LoraConfig(
@@ -286,8 +289,9 @@ def save_adapter(peft_model: Any, out: Path) -> None:
     save_file(masses, out / "gravity_mass_log.safetensors")
 
 
-def held_out_loss(model: torch.nn.Module, cfg: HealConfig) -> float:
-    ids = to_ids(resolve_text(cfg.eval_text))
+def held_out_loss(model: torch.nn.Module, tokenizer: Any, cfg: HealConfig) -> float:
+    """Loss (nats per token of the model's tokenizer) on `cfg.eval_text`."""
+    ids = encode_text(tokenizer, resolve_text(cfg.eval_text))
     return eval_loss(model, ids, cfg.seq_len, cfg.eval_batch_size, cfg.eval_max_tokens)[0]
 
 

@@ -126,6 +126,19 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
         raise UserError(f"cannot load the tokenizer in {path}: {e}") from e
 
 
+def require_tokenizer(
+    tokenizer: PreTrainedTokenizerBase | None, path: str | os.PathLike | None
+) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, or a one-line UserError naming the files a tokenizer would come from."""
+    if tokenizer is None:
+        p = resolve_model_path(path)
+        raise UserError(
+            f"{p} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): text can only become "
+            "token ids through the model's own tokenizer; copy its tokenizer files there"
+        )
+    return tokenizer
+
+
 def load_model(
     path: str | os.PathLike | None = None,
     *,

@@ -80,21 +80,6 @@ class MeasureConfig:
             raise UserError("measure.importance needs ablation but measure.ablation_sequences is 0")
 
 
-def load_token_ids(path: Path, encode: Callable[[str], list[int]] | None = None) -> torch.Tensor:
-    """Token ids of a UTF-8 text file: (N,) long. Default encoding: one id per UTF-8 byte."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"calibration text {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"calibration text {path} is not UTF-8 ({err.reason})") from None
-    if not text:
-        raise UserError(f"calibration text {path} is empty")
-    ids = encode(text) if encode is not None else list(text.encode("utf-8"))
-    return torch.tensor(ids, dtype=torch.long)
-
-
 def calibration_sequences(
     token_ids: torch.Tensor | Sequence[int], seq_len: int, max_sequences: int, max_positions: int
 ) -> torch.Tensor:

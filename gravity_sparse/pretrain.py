@@ -41,12 +41,12 @@ from .configuration_gravity import GravityConfig
 from .data import (
     SPLITS,
     block_loss,
+    encode_text,
     eval_loss,
     random_blocks,
     split_sizes,
     split_text,
     split_topics,
-    to_ids,
     unigram_loss,
 )
 from .errors import UserError
@@ -193,7 +193,7 @@ def save_final_model(model: GravityForCausalLM, tokenizer, out: Path) -> None:
 def sample_text(model: GravityForCausalLM, prompt: str, new_tokens: int, seed: int) -> str:
     """A sampled continuation (temperature 0.8, top-k 20), decoded as UTF-8 with replacement."""
     torch.manual_seed(seed)
-    ids = to_ids(prompt)[None]
+    ids = encode_text(build_tokenizer(), prompt)[None]
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -287,8 +287,9 @@ def run_pretrain(cfg: PretrainConfig, out_dir: Path, stop_at: int | None = None)
     log_path = out_dir / "loss.jsonl"
     _truncate_log(log_path, start)
 
-    train_ids = to_ids(split_text("train"))
-    heldout_ids = to_ids(split_text("heldout"))
+    tok = build_tokenizer()
+    train_ids = encode_text(tok, split_text("train"))
+    heldout_ids = encode_text(tok, split_text("heldout"))
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     budget_s = cfg.time_budget_minutes * 60.0
     t0 = time.monotonic()
@@ -345,8 +346,9 @@ def finish(
     """Held-out evaluation, sample, result.json and the final model folder (reference attention)."""
     set_training_kernel(model, False)
     model.eval()
-    train_ids = to_ids(split_text("train"))
-    heldout_ids = to_ids(split_text("heldout"))
+    tok = build_tokenizer()
+    train_ids = encode_text(tok, split_text("train"))
+    heldout_ids = encode_text(tok, split_text("heldout"))
     heldout, num_tokens = eval_loss(model, heldout_ids, cfg.seq_len, cfg.eval_batch_size)
     result = {
         "steps": steps_done,
@@ -393,8 +395,8 @@ def publish_checkpoint(run_dir: Path, dest: Path, command: str = CARD_COMMAND) -
     if not (run_dir / "model" / "config.json").is_file():
         raise UserError(f"{run_dir} has no finished model (run the pretraining to the end first)")
     cfg = PretrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    model, _ = load_model(run_dir / "model")
-    heldout_ids = to_ids(split_text("heldout"))
+    model, tok = load_model(run_dir / "model")
+    heldout_ids = encode_text(tok, split_text("heldout"))
     heldout, num_tokens = eval_loss(model, heldout_ids, cfg.seq_len, cfg.eval_batch_size)
     slice_loss, slice_tokens = eval_loss(
         model, heldout_ids, cfg.seq_len, cfg.eval_batch_size, HELDOUT_SLICE_TOKENS
@@ -409,7 +411,7 @@ def publish_checkpoint(run_dir: Path, dest: Path, command: str = CARD_COMMAND) -
         "heldout_tokens": num_tokens,
         "heldout_slice": {"tokens": slice_tokens, "seq_len": cfg.seq_len, "loss": slice_loss},
         "unigram_heldout_loss_nats_per_byte": round(
-            unigram_loss(to_ids(split_text("train")), heldout_ids), 4
+            unigram_loss(encode_text(tok, split_text("train")), heldout_ids), 4
         ),
         "masses_per_layer": layer_masses(model),
         "num_parameters": sum(p.numel() for p in model.parameters()),

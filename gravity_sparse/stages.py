@@ -23,7 +23,7 @@ import torch
 
 from .config import config_to_dict
 from .errors import UserError
-from .io import load_model, resolve_model_path, save_model
+from .io import load_model, require_tokenizer, resolve_model_path, save_model
 from .pipeline import PipelineConfig
 from .stage import require_stage, stage_dirname, stage_folder
 
@@ -35,12 +35,17 @@ def _text_digest(source: str) -> str:
 
 
 def _model(cfg: PipelineConfig, path: str | Path | None = None):
-    model, tok = load_model(
-        path if path is not None else cfg.model.path,
-        dtype=cfg.model.torch_dtype(),
-        device=cfg.model.torch_device(),
-    )
-    return model, tok
+    """The model and its tokenizer (a one-line error when the directory has no tokenizer)."""
+    path = path if path is not None else cfg.model.path
+    model, tok = load_model(path, dtype=cfg.model.torch_dtype(), device=cfg.model.torch_device())
+    return model, require_tokenizer(tok, path)
+
+
+def _tokens(tok, source: str) -> torch.Tensor:
+    """Ids of a corpus split or text file through the model's own tokenizer."""
+    from .data import encode_text, resolve_text
+
+    return encode_text(tok, resolve_text(source))
 
 
 def _pattern_file(cfg: PipelineConfig) -> Path:
@@ -109,11 +114,10 @@ def _folder(cfg: PipelineConfig, stage: str, started: float):
 
 def run_measure_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
     t0 = time.time()
-    from .data import resolve_text, to_ids
     from .measure import run_measure
 
-    model, _ = _model(cfg)
-    ids = to_ids(resolve_text(cfg.calibration_text))
+    model, tok = _model(cfg)
+    ids = _tokens(tok, cfg.calibration_text)
     with _folder(cfg, "measure", t0) as sf:
         summary = run_measure(model, ids, cfg.measure, sf.path)
         (sf.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -152,8 +156,8 @@ def run_apply_stage(cfg: PipelineConfig) -> tuple[Path, list[dict[str, Any]]]:
     from .apply import evaluate_masks, masks_in, write_results
 
     solve_dir = require_stage(cfg.run_path(), "solve")
-    model, _ = _model(cfg)
-    rows = evaluate_masks(model, masks_in(solve_dir, cfg.apply.baselines), cfg.apply)
+    model, tok = _model(cfg)
+    rows = evaluate_masks(model, tok, masks_in(solve_dir, cfg.apply.baselines), cfg.apply)
     with _folder(cfg, "apply", t0) as sf:
         write_results(rows, sf.path, f"Held-out loss, unhealed ({cfg.apply.eval_text})")
         sf.summary["rows"] = rows
@@ -172,15 +176,15 @@ def run_heal_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
         )
     torch.manual_seed(cfg.seed)
     model, tok = _model(cfg)
-    dense = held_out_loss(model, cfg.heal)
+    dense = held_out_loss(model, tok, cfg.heal)
     attach_masks(model, masks)
-    before = held_out_loss(model, cfg.heal)
+    before = held_out_loss(model, tok, cfg.heal)
     with _folder(cfg, "heal", t0) as sf, tempfile.TemporaryDirectory() as scratch:
-        peft_model, record = heal_model(model, cfg.heal, Path(scratch), seed=cfg.seed)
+        peft_model, record = heal_model(model, tok, cfg.heal, Path(scratch), seed=cfg.seed)
         save_adapter(peft_model, sf.path / "adapter")
         merged = peft_model.merge_and_unload()
         merged.eval()
-        after = held_out_loss(merged, cfg.heal)
+        after = held_out_loss(merged, tok, cfg.heal)
         save_model(merged, tok, sf.path / "merged")
         record.update(
             masks=cfg.masks,
@@ -199,7 +203,7 @@ def run_heal_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
 
 def run_export_stage(cfg: PipelineConfig, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
     t0 = time.time()
-    from .data import resolve_text, to_ids, token_blocks
+    from .data import token_blocks
     from .export import model_costs, prune_model
     from .masks import attach_masks, read_masks
 
@@ -213,7 +217,7 @@ def run_export_stage(cfg: PipelineConfig, overwrite: bool = False) -> tuple[Path
     dense_model, _ = _model(cfg)
     pruned = prune_model(healed, masks, record={"pipeline_config": config_to_dict(cfg)})
     ids = token_blocks(
-        to_ids(resolve_text(cfg.apply.eval_text)), min(cfg.export.parity_len, masks.max_length)
+        _tokens(tok, cfg.apply.eval_text), min(cfg.export.parity_len, masks.max_length)
     )
     x = ids[: cfg.export.parity_batch, :-1].to(next(healed.parameters()).device)
     with _folder(cfg, "export", t0) as sf:
@@ -320,11 +324,13 @@ def run_bench_stage(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
     if cfg.bench.synthetic:
         model, masks = _synthetic_bench_inputs(cfg)
         source = "synthetic Gravity-2-shaped random weights"
+        prompt_ids = None  # no tokenizer: random ids
     else:
         masks = read_masks(_pattern_file(cfg))
-        model, _ = _model(cfg)
+        model, tok = _model(cfg)
         source = str(resolve_model_path(cfg.model.path))
-    result = run_bench(model, masks, cfg.bench, seed=cfg.seed)
+        prompt_ids = _tokens(tok, cfg.apply.eval_text)
+    result = run_bench(model, masks, cfg.bench, seed=cfg.seed, prompt_ids=prompt_ids)
     result["model"] = source
     with _folder(cfg, "bench", t0) as sf:
         write_bench(result, sf.path)

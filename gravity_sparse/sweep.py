@@ -80,9 +80,9 @@ def _patterns(cfg, tensors, meta, density: float, head_drop: float):
 def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
     """Run the sweep of `cfg.sweep` on the run's measured field; returns (folder, summary)."""
     from .apply import sparse_loss
-    from .data import resolve_text, to_ids
+    from .data import encode_text, resolve_text
     from .heal import heal_model
-    from .io import load_model
+    from .io import load_model, require_tokenizer
     from .masks import attach_masks
     from .qubo.stage import read_field
     from .stage import require_stage
@@ -94,9 +94,10 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
     heal_cfg = dataclasses.replace(
         cfg.heal, token_budget=sw.heal_token_budget, eval_max_tokens=sw.eval_max_tokens
     )
-    ids = to_ids(resolve_text(apply_cfg.eval_text))
     dtype, device = cfg.model.torch_dtype(), cfg.model.torch_device()
-    base, _ = load_model(cfg.model.path, dtype=dtype, device=device)
+    base, tok = load_model(cfg.model.path, dtype=dtype, device=device)
+    tok = require_tokenizer(tok, cfg.model.path)
+    ids = encode_text(tok, resolve_text(apply_cfg.eval_text))
     dense_loss, scored = sparse_loss(base, None, ids, apply_cfg)
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
@@ -126,7 +127,7 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
                     attach_masks(model, masks)
                     with tempfile.TemporaryDirectory() as scratch:
                         peft_model, record = heal_model(
-                            model, heal_cfg, Path(scratch), seed=cfg.seed
+                            model, tok, heal_cfg, Path(scratch), seed=cfg.seed
                         )
                     healed = peft_model.merge_and_unload().eval()
                     row["loss_healed"] = sparse_loss(healed, masks, ids, apply_cfg)[0]

@@ -12,6 +12,7 @@ from gravity_sparse.data import (
     BlockDataset,
     assign_topics,
     corpus_splits,
+    encode_text,
     eval_loss,
     load_text_files,
     resolve_text,
@@ -110,13 +111,19 @@ def test_token_blocks_cover_every_target_once():
         token_blocks(torch.arange(64), 64)
 
 
-def test_to_ids_text_is_utf8_bytes():
-    assert to_ids("aé").tolist() == [97, 0xC3, 0xA9]
-    assert to_ids(b"\x00\xff").tolist() == [0, 255]
+def test_text_never_becomes_ids_without_a_tokenizer():
+    # raw UTF-8 bytes as ids are only right for the byte model: text must go through a tokenizer
+    with pytest.raises(TypeError, match="encode_text"):
+        to_ids("aé")
+    with pytest.raises(TypeError, match="encode_text"):
+        to_ids(b"\x00\xff")
+    with pytest.raises(UserError, match="tokenizer"):
+        encode_text(None, "aé")
+    assert to_ids([3, 1]).tolist() == [3, 1]
 
 
 def test_block_dataset_items():
-    ds = BlockDataset(bytes(range(200)), 32)
+    ds = BlockDataset(torch.arange(200), 32)
     assert len(ds) == 6
     item = ds[1]
     assert item["input_ids"].tolist() == list(range(32, 64))
@@ -151,7 +158,7 @@ def test_eval_loss_matches_brute_force():
 
 def test_eval_loss_of_uniform_model_is_log_vocab():
     model = _FixedLogits(torch.zeros(256, 256))
-    loss, _ = eval_loss(model, "some text " * 20, seq_len=16, batch_size=2)
+    loss, _ = eval_loss(model, torch.arange(200) % 256, seq_len=16, batch_size=2)
     assert loss == pytest.approx(math.log(256))
 
 

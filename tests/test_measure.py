@@ -11,7 +11,7 @@ from safetensors import safe_open
 from gravity_sparse.configuration_gravity import GravityConfig
 from gravity_sparse.errors import UserError
 from gravity_sparse.field import fit_power_law
-from gravity_sparse.measure import MeasureConfig, load_token_ids, run_measure
+from gravity_sparse.measure import MeasureConfig, run_measure
 from gravity_sparse.modeling_gravity import GravityForCausalLM, gravity_attention_reference
 
 TEXT = (
@@ -301,16 +301,7 @@ def test_bad_input_is_a_one_line_user_error(tmp_path, tokens, overrides, message
     assert "\n" not in str(err.value)
 
 
-def test_text_file_errors_and_config_validation(tmp_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    with pytest.raises(UserError, match="empty"):
-        load_token_ids(empty)
-    with pytest.raises(UserError, match="does not exist"):
-        load_token_ids(tmp_path / "missing.txt")
-    text = tmp_path / "t.txt"
-    text.write_text("héllo")
-    assert load_token_ids(text).tolist() == list("héllo".encode())
+def test_config_validation():
     with pytest.raises(UserError, match="importance"):
         MeasureConfig(importance="taylor")
     with pytest.raises(UserError, match="block_size"):

@@ -8,7 +8,7 @@ import torch
 from tiny_models import assert_same_output_and_grads, attention_inputs
 
 from gravity_sparse import load_model
-from gravity_sparse.data import block_loss, random_blocks, split_text, to_ids
+from gravity_sparse.data import block_loss, encode_text, random_blocks, split_text
 from gravity_sparse.errors import UserError
 from gravity_sparse.kernels.causal_cpu import CausalGravityAttention, set_training_kernel
 from gravity_sparse.modeling_gravity import GravityForCausalLM, gravity_attention_reference
@@ -20,6 +20,7 @@ from gravity_sparse.pretrain import (
     model_config,
     run_pretrain,
 )
+from gravity_sparse.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,7 +68,9 @@ def test_training_kernel_gives_the_reference_loss():
     cfg = PretrainConfig(**MICRO)
     torch.manual_seed(0)
     model = GravityForCausalLM(model_config(cfg))
-    batch = random_blocks(to_ids(split_text("train")), cfg.seq_len, 2, torch.Generator())
+    batch = random_blocks(
+        encode_text(build_tokenizer(), split_text("train")), cfg.seq_len, 2, torch.Generator()
+    )
     ref = block_loss(model, batch)
     set_training_kernel(model, True)
     fast = block_loss(model, batch)
@@ -125,7 +128,12 @@ def test_micro_pretraining_lowers_the_loss_and_writes_a_loadable_model(tmp_path)
     model, tokenizer = load_model(model_dir)
     assert tokenizer.encode("ab") == [97, 98]
     batches = [
-        random_blocks(to_ids(split_text("train")), cfg.seq_len, 4, torch.Generator().manual_seed(t))
+        random_blocks(
+            encode_text(tokenizer, split_text("train")),
+            cfg.seq_len,
+            4,
+            torch.Generator().manual_seed(t),
+        )
         for t in range(cfg.steps)
     ]
     with torch.no_grad():

@@ -23,6 +23,7 @@ gravity_sparse's Triton kernel when that package is importable (`GravityAttentio
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 
@@ -45,6 +46,15 @@ from transformers.models.qwen2.modeling_qwen2 import (
 from .configuration_gravity import GravityConfig
 
 ATTN_IMPLEMENTATION = "gravity"
+# the model's forward takes the KV cache as `cache` from transformers 5.2x on (`past_key_values` before)
+CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
+)
+
+
+def cache_kwarg(cache) -> dict:
+    """`{name: cache}` for a model forward, under the name this transformers version uses."""
+    return {CACHE_ARG: cache}
 
 
 def gravity_attention_reference(
@@ -262,9 +272,13 @@ class GravityAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
+        cache=None,
         past_key_values=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # transformers ≥ 5.2x hands the cache over as `cache`; older 5.x releases as `past_key_values`
+        if cache is None:
+            cache = past_key_values
         input_shape = hidden_states.shape[:-1]
         # explicit head counts (not -1): a pruned layer may have zero heads
         q_shape = (*input_shape, self.num_heads, self.head_dim)
@@ -274,9 +288,9 @@ class GravityAttention(nn.Module):
         value_states = self.v_proj(hidden_states).view(kv_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if past_key_values is not None:
+        if cache is not None:
             # also for an empty layer, so the cache keeps counting this layer's length
-            kv = past_key_values.update(key_states, value_states, self.layer_idx)
+            kv = cache.update(key_states, value_states, self.layer_idx)
             key_states, value_states = kv
         if self.num_heads == 0:
             return torch.zeros_like(hidden_states), None
@@ -379,4 +393,5 @@ __all__ = [
     "GravityPreTrainedModel",
     "gravity_attention_forward",
     "gravity_attention_reference",
+    "cache_kwarg",
 ]
