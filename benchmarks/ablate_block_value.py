@@ -22,9 +22,9 @@ from gravity_sparse.model.masks import Masks
 from gravity_sparse.run.artifacts import require_stage
 from gravity_sparse.run.config import load_config
 from gravity_sparse.run.pipeline import PipelineConfig
-from gravity_sparse.stages.apply.apply import sparse_loss
-from gravity_sparse.stages.solve.field_io import read_field
-from gravity_sparse.stages.solve.solve import solve_field
+from gravity_sparse.stages.s2_solve.field_io import read_field
+from gravity_sparse.stages.s2_solve.solve import solve_field
+from gravity_sparse.stages.s3_apply.apply import sparse_loss
 
 VARIANTS = [(v, s) for v in ("profile", "kl", "mass") for s in ("flat", "importance")]
 

@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from gravity_sparse.model.configuration_gravity import GravityConfig  # noqa: E402
 from gravity_sparse.model.modeling_gravity import GravityForCausalLM  # noqa: E402
-from gravity_sparse.stages.measure.config import MeasureConfig  # noqa: E402
-from gravity_sparse.stages.measure.measure import run_measure  # noqa: E402
+from gravity_sparse.stages.s1_measure.config import MeasureConfig  # noqa: E402
+from gravity_sparse.stages.s1_measure.measure import run_measure  # noqa: E402
 
 CHECKPOINT = ROOT / "checkpoints" / "gravity-tiny"
 

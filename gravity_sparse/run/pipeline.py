@@ -15,12 +15,12 @@ import torch
 from gravity_sparse.errors import UserError
 from gravity_sparse.experiments.sweep.config import SweepConfig
 from gravity_sparse.qubo.registry import METHODS
-from gravity_sparse.stages.apply.config import ApplyConfig
-from gravity_sparse.stages.bench.config import BenchConfig
-from gravity_sparse.stages.export.config import ExportConfig
-from gravity_sparse.stages.heal.config import HealConfig
-from gravity_sparse.stages.measure.config import MeasureConfig
-from gravity_sparse.stages.solve.config import SolveConfig
+from gravity_sparse.stages.s1_measure.config import MeasureConfig
+from gravity_sparse.stages.s2_solve.config import SolveConfig
+from gravity_sparse.stages.s3_apply.config import ApplyConfig
+from gravity_sparse.stages.s4_heal.config import HealConfig
+from gravity_sparse.stages.s5_export.config import ExportConfig
+from gravity_sparse.stages.s6_bench.config import BenchConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

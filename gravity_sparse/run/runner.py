@@ -19,9 +19,9 @@ from typing import Any
 from gravity_sparse.errors import UserError
 from gravity_sparse.run.artifacts import is_current, read_meta, stage_dirname
 from gravity_sparse.run.pipeline import PipelineConfig
-from gravity_sparse.stages import STAGES
+from gravity_sparse.stages import PACKAGES, STAGES
 
-STAGE_MODULES = {stage: f"gravity_sparse.stages.{stage}.stage" for stage in STAGES}
+STAGE_MODULES = {stage: f"gravity_sparse.stages.{PACKAGES[stage]}.stage" for stage in STAGES}
 
 
 def stage_module(stage: str) -> ModuleType:

@@ -47,8 +47,8 @@ def test_function_entry_auto_is_the_cpu_kernel_and_matches_the_reference():
 
 
 def test_bench_runs_dense_and_sparse_through_the_same_backend():
-    from gravity_sparse.stages.bench.bench import bench_models
-    from gravity_sparse.stages.bench.config import BenchConfig
+    from gravity_sparse.stages.s6_bench.bench import bench_models
+    from gravity_sparse.stages.s6_bench.config import BenchConfig
 
     model = tiny_model()
     masks = random_masks()

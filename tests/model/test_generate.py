@@ -20,7 +20,7 @@ from gravity_sparse import save_model
 from gravity_sparse.model.masks import Masks
 from gravity_sparse.model.modeling_gravity import cache_kwarg
 from gravity_sparse.model.tokenizer import build_tokenizer
-from gravity_sparse.stages.export.export import prune_model
+from gravity_sparse.stages.s5_export.export import prune_model
 
 PROMPT_LEN, NEW_TOKENS = 9, 14
 

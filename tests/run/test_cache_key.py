@@ -46,7 +46,7 @@ def test_solve_eps_is_hashed_only_when_set():
 
 
 def test_solve_eps_other_than_the_models_is_a_one_line_error():
-    from gravity_sparse.stages.solve.config import resolve_eps
+    from gravity_sparse.stages.s2_solve.config import resolve_eps
 
     cfg = _cfg("solve.eps=0.2").solve
     with pytest.raises(UserError, match="differs from the model's gravity_eps 0.1") as err:
@@ -56,7 +56,7 @@ def test_solve_eps_other_than_the_models_is_a_one_line_error():
 
 
 def test_inputs_hash_texts_by_content_and_earlier_stages_by_folder(tmp_path):
-    from gravity_sparse.stages.apply import stage as apply_stage
+    from gravity_sparse.stages.s3_apply import stage as apply_stage
 
     cfg = _cfg(f"run_dir={tmp_path}")
     found = apply_stage.inputs(cfg)

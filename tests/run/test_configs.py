@@ -10,12 +10,12 @@ from gravity_sparse.experiments.pretrain.config import PretrainConfig
 from gravity_sparse.experiments.sweep.config import SweepConfig
 from gravity_sparse.run.config import build_config, config_to_dict, load_config
 from gravity_sparse.run.pipeline import ModelConfig, PipelineConfig
-from gravity_sparse.stages.apply.config import ApplyConfig
-from gravity_sparse.stages.bench.config import BenchConfig
-from gravity_sparse.stages.export.config import ExportConfig
-from gravity_sparse.stages.heal.config import HealConfig
-from gravity_sparse.stages.measure.config import MeasureConfig
-from gravity_sparse.stages.solve.config import SolveConfig
+from gravity_sparse.stages.s1_measure.config import MeasureConfig
+from gravity_sparse.stages.s2_solve.config import SolveConfig
+from gravity_sparse.stages.s3_apply.config import ApplyConfig
+from gravity_sparse.stages.s4_heal.config import HealConfig
+from gravity_sparse.stages.s5_export.config import ExportConfig
+from gravity_sparse.stages.s6_bench.config import BenchConfig
 
 NON_DEFAULT = {
     ModelConfig: dict(path="some/model", dtype="bfloat16", device="cpu"),

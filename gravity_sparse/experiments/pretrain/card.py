@@ -109,8 +109,7 @@ softmax over the causal prefix; one learned mass per query head.
 
     {card["command"]}
 
-(the same as `gravity-sparse pretrain --config pipelines/pretrain-tiny.yaml`; this folder was then
-written by `python -m gravity_sparse.experiments.pretrain.train --config pipelines/pretrain-tiny.yaml --publish
+(this folder was then written by `gravity-sparse pretrain -c pipelines/pretrain-tiny.yaml --publish
 checkpoints/gravity-tiny`;
 {card["steps"]} steps, {card["train_minutes"]} minutes on a shared 2-core CPU with
 `num_threads: {cfg.num_threads}`; loss curve in `training/loss.png`, log in `training/loss.jsonl`, resolved
@@ -124,7 +123,7 @@ config in `training/config.json`, every number below in `training/card.json`.)
   to {cfg.min_lr_ratio:g}×), masses lr {cfg.mass_lr:g} without weight decay, weight decay
   {cfg.weight_decay:g}, {cfg.batch_size} random windows of {cfg.seq_len} bytes per step, seed {cfg.seed}.
   The training forward/backward uses an exact causal gravity kernel with a hand-written backward
-  (`gravity_sparse.experiments.pretrain.train.CausalGravityAttention`); evaluation uses the reference attention.
+  (`gravity_sparse.kernels.causal_cpu.CausalGravityAttention`); evaluation uses the reference attention.
 - Masses start at `mass_log = {cfg.mass_init:g}` (M ≈ {math.log1p(math.exp(cfg.mass_init)):.2f}). With
   the Qwen2 default of M ≈ 1 the attention stayed uniform (q and k drifted apart until the score's
   gradient vanished) and the loss sat at the bigram plateau, 2.41 nats/byte held-out after 300 steps.

@@ -49,7 +49,7 @@ def sweep_inputs(cfg) -> dict[str, Any]:
 def _patterns(cfg, tensors, meta, density: float, head_drop: float, eps: float):
     """{method: Masks} at one budget, all from one solve."""
     from gravity_sparse.model.masks import Masks
-    from gravity_sparse.stages.solve.solve import solve_field
+    from gravity_sparse.stages.s2_solve.solve import solve_field
 
     baselines = [m for m in cfg.sweep.methods if m != "qubo"]
     solve_cfg = dataclasses.replace(
@@ -74,10 +74,10 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
     from gravity_sparse.model.io import load_model, require_tokenizer
     from gravity_sparse.model.masks import attach_masks
     from gravity_sparse.run.artifacts import require_stage
-    from gravity_sparse.stages.apply.apply import sparse_loss
-    from gravity_sparse.stages.heal.heal import heal_model
-    from gravity_sparse.stages.solve.config import resolve_eps
-    from gravity_sparse.stages.solve.field_io import read_field
+    from gravity_sparse.stages.s2_solve.config import resolve_eps
+    from gravity_sparse.stages.s2_solve.field_io import read_field
+    from gravity_sparse.stages.s3_apply.apply import sparse_loss
+    from gravity_sparse.stages.s4_heal.heal import heal_model
 
     t0 = time.time()
     run = cfg.run_path()

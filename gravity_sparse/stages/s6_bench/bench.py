@@ -30,8 +30,8 @@ from gravity_sparse.kernels import Backend, attach_kernel
 from gravity_sparse.model.configuration_gravity import GravityConfig
 from gravity_sparse.model.masks import Masks, dense_masks, extend_masks
 from gravity_sparse.model.modeling_gravity import GravityForCausalLM, cache_kwarg
-from gravity_sparse.stages.bench.config import BenchConfig
-from gravity_sparse.stages.export.export import prune_model
+from gravity_sparse.stages.s5_export.export import prune_model
+from gravity_sparse.stages.s6_bench.config import BenchConfig
 
 
 def gravity2_config(num_layers: int = 36) -> GravityConfig:

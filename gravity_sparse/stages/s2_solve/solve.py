@@ -30,8 +30,8 @@ from gravity_sparse.qubo.formulation import (
     violations,
 )
 from gravity_sparse.qubo.profile import profile_field
-from gravity_sparse.stages.solve.config import DEFAULT_EPS, SolveConfig, resolve_eps
-from gravity_sparse.stages.solve.field_io import validate_field
+from gravity_sparse.stages.s2_solve.config import DEFAULT_EPS, SolveConfig, resolve_eps
+from gravity_sparse.stages.s2_solve.field_io import validate_field
 
 
 @dataclass

@@ -30,7 +30,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from gravity_sparse.errors import UserError
 from gravity_sparse.model.data import BlockDataset, encode_text, eval_loss, resolve_text
-from gravity_sparse.stages.heal.config import HealConfig
+from gravity_sparse.stages.s4_heal.config import HealConfig
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -10,8 +10,8 @@ from torch.nn import functional as F
 
 from gravity_sparse.errors import UserError
 from gravity_sparse.model.masks import attach_masks
-from gravity_sparse.stages.heal.config import HealConfig
-from gravity_sparse.stages.heal.heal import LORA_TARGETS, HealTrainer, dense_teacher
+from gravity_sparse.stages.s4_heal.config import HealConfig
+from gravity_sparse.stages.s4_heal.heal import LORA_TARGETS, HealTrainer, dense_teacher
 
 
 def test_dense_teacher_is_the_original_model_and_restores_everything():

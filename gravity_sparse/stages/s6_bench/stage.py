@@ -30,8 +30,8 @@ def synthetic_inputs(cfg: PipelineConfig):
     from gravity_sparse.model.masks import Masks
     from gravity_sparse.model.modeling_gravity import GravityForCausalLM
     from gravity_sparse.qubo.synthetic import synthetic_field
-    from gravity_sparse.stages.bench.bench import gravity2_config
-    from gravity_sparse.stages.solve.solve import solve_field
+    from gravity_sparse.stages.s2_solve.solve import solve_field
+    from gravity_sparse.stages.s6_bench.bench import gravity2_config
 
     layers = cfg.bench.synthetic_layers or 36
     mcfg = gravity2_config(layers)
@@ -53,7 +53,7 @@ def synthetic_inputs(cfg: PipelineConfig):
 
 def run(cfg: PipelineConfig) -> Path:
     from gravity_sparse.model.masks import read_masks
-    from gravity_sparse.stages.bench.bench import run_bench, write_bench
+    from gravity_sparse.stages.s6_bench.bench import run_bench, write_bench
 
     t0 = time.time()
     if cfg.bench.synthetic:

@@ -14,7 +14,7 @@ from gravity_sparse.model.masks import (
     read_masks,
     write_masks,
 )
-from gravity_sparse.stages.export.export import model_costs, prune_model
+from gravity_sparse.stages.s5_export.export import model_costs, prune_model
 
 
 def test_density_by_hand():

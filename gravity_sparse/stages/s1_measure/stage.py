@@ -20,7 +20,7 @@ def inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def run(cfg: PipelineConfig) -> Path:
-    from gravity_sparse.stages.measure.measure import run_measure
+    from gravity_sparse.stages.s1_measure.measure import run_measure
 
     t0 = time.time()
     model, tok = common.load(cfg)

@@ -27,8 +27,8 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     from gravity_sparse.model.data import token_blocks
     from gravity_sparse.model.io import save_model
     from gravity_sparse.model.masks import attach_masks, read_masks
-    from gravity_sparse.stages.export.export import model_costs, prune_model
-    from gravity_sparse.stages.export.parity import plain_transformers_parity
+    from gravity_sparse.stages.s5_export.export import model_costs, prune_model
+    from gravity_sparse.stages.s5_export.parity import plain_transformers_parity
 
     t0 = time.time()
     heal_dir = require_stage(cfg.run_path(), "heal")

@@ -1,7 +1,7 @@
 """measure: run calibration text through a gravity model and record the locality field of every head.
 
 Writes `field.safetensors` (format in DESIGN §3 / the shared brief; tensors [L, H, ...]) and PNG plots
-into a given folder, and returns a JSON-able summary. The numbers come from `gravity_sparse.stages.measure.field`; this
+into a given folder, and returns a JSON-able summary. The numbers come from `gravity_sparse.stages.s1_measure.field`; this
 module only drives the model:
 
 1. field pass (no grad): every layer's attention is replaced by a chunked call of the reference
@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from gravity_sparse.errors import UserError
 from gravity_sparse.model.modeling_gravity import gravity_scores
-from gravity_sparse.stages.measure.config import MeasureConfig
-from gravity_sparse.stages.measure.field import (
+from gravity_sparse.stages.s1_measure.config import MeasureConfig
+from gravity_sparse.stages.s1_measure.field import (
     LayerFieldAccumulator,
     fit_power_law,
     head_locality,
@@ -346,7 +346,7 @@ def run_measure(
     )
     plots = []
     if cfg.plots:
-        from gravity_sparse.stages.measure.plots import plot_field
+        from gravity_sparse.stages.s1_measure.plots import plot_field
 
         plots = plot_field(tensors, out_dir)
     return _summary(tensors, cfg, loss, num_tokens, timings, importance_method, plots)

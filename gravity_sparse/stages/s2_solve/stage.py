@@ -19,10 +19,10 @@ from gravity_sparse.qubo.registry import QUBO, QUBO_METHOD, masks_file_name
 from gravity_sparse.run.artifacts import require_stage, stage_dirname
 from gravity_sparse.run.pipeline import PipelineConfig
 from gravity_sparse.stages import common
-from gravity_sparse.stages.solve import plots
-from gravity_sparse.stages.solve.config import DEFAULT_EPS, resolve_eps
-from gravity_sparse.stages.solve.field_io import check_field_matches_model, read_field
-from gravity_sparse.stages.solve.solve import SolveResult, solve_field
+from gravity_sparse.stages.s2_solve import plots
+from gravity_sparse.stages.s2_solve.config import DEFAULT_EPS, resolve_eps
+from gravity_sparse.stages.s2_solve.field_io import check_field_matches_model, read_field
+from gravity_sparse.stages.s2_solve.solve import SolveResult, solve_field
 
 
 def _save_masks(

@@ -22,7 +22,7 @@ def inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def run(cfg: PipelineConfig) -> Path:
-    from gravity_sparse.stages.report.report import write_report
+    from gravity_sparse.stages.s7_report.report import write_report
 
     t0 = time.time()
     found = inputs(cfg)

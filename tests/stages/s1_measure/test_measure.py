@@ -12,9 +12,9 @@ from tiny_models import tiny_model as shared_tiny_model
 from gravity_sparse.errors import UserError
 from gravity_sparse.model.configuration_gravity import GravityConfig
 from gravity_sparse.model.modeling_gravity import GravityForCausalLM, gravity_attention_reference
-from gravity_sparse.stages.measure.config import MeasureConfig
-from gravity_sparse.stages.measure.field import fit_power_law
-from gravity_sparse.stages.measure.measure import run_measure
+from gravity_sparse.stages.s1_measure.config import MeasureConfig
+from gravity_sparse.stages.s1_measure.field import fit_power_law
+from gravity_sparse.stages.s1_measure.measure import run_measure
 
 TEXT = (
     "def measure(model, text):\n    return field(model, text)  # the inverse-square law of attention\n"

@@ -21,7 +21,7 @@ def inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def run(cfg: PipelineConfig) -> Path:
-    from gravity_sparse.stages.apply.apply import evaluate_masks, masks_in, write_results
+    from gravity_sparse.stages.s3_apply.apply import evaluate_masks, masks_in, write_results
 
     t0 = time.time()
     solve_dir = require_stage(cfg.run_path(), "solve")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gravity_sparse.stages.measure.field import head_locality
+from gravity_sparse.stages.s1_measure.field import head_locality
 
 
 def plot_field(tensors: dict[str, torch.Tensor], out_dir: Path) -> list[str]:

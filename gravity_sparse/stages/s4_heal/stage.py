@@ -28,13 +28,13 @@ def inputs(cfg: PipelineConfig) -> dict[str, Any]:
 def run(cfg: PipelineConfig) -> Path:
     from gravity_sparse.model.io import save_model
     from gravity_sparse.model.masks import attach_masks, read_masks
-    from gravity_sparse.stages.heal.heal import (
+    from gravity_sparse.stages.s4_heal.heal import (
         heal_model,
         held_out_loss,
         save_adapter,
         write_record,
     )
-    from gravity_sparse.stages.heal.plots import plot_loss_curve
+    from gravity_sparse.stages.s4_heal.plots import plot_loss_curve
 
     t0 = time.time()
     masks = read_masks(common.pattern_file(cfg))

@@ -24,7 +24,7 @@ from gravity_sparse.model.masks import (
     read_masks_method,
 )
 from gravity_sparse.qubo.registry import QUBO, masks_file_name, method_label
-from gravity_sparse.stages.apply.config import ApplyConfig
+from gravity_sparse.stages.s3_apply.config import ApplyConfig
 
 
 def masks_in(solve_dir: Path, baselines: bool = True) -> dict[str, Path]:

@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from gravity_sparse.model.modeling_gravity import gravity_attention_reference, gravity_scores
-from gravity_sparse.stages.measure.field import (
+from gravity_sparse.stages.s1_measure.field import (
     LayerFieldAccumulator,
     block_mass_sums,
     block_query_counts,
