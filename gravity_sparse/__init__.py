@@ -9,6 +9,9 @@ import os
 # Nothing is ever fetched from a hub: set before transformers is imported anywhere in the package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# `kernels` is loaded with the package: a sparse model on CUDA finds its kernels in the process (the
+# modeling file ships inside checkpoints and never imports gravity_sparse itself)
+from gravity_sparse import kernels  # noqa: E402, F401
 from gravity_sparse.errors import UserError  # noqa: E402
 from gravity_sparse.model.configuration_gravity import GravityConfig  # noqa: E402
 from gravity_sparse.model.io import DEFAULT_MODEL, load_model, save_model  # noqa: E402

@@ -62,3 +62,20 @@ def test_bench_runs_dense_and_sparse_through_the_same_backend():
     assert sum(a.num_heads for a in dense.gravity_layers()) == masks.head_keep.numel()
     every = dense_masks(2, 4, masks.block_size, masks.max_length)
     assert isinstance(every, Masks) and every.density() == 1.0
+
+
+def test_a_sparse_model_on_cuda_asks_the_resolver_only_when_gravity_sparse_is_loaded(monkeypatch):
+    import sys
+
+    from gravity_sparse.kernels import GravityKernel
+
+    attn = attach_masks(tiny_model(), random_masks(), kernel="reference").gravity_layers()[0]
+    monkeypatch.delitem(sys.modules, "gravity_sparse.kernels")  # as in a plain-transformers process
+    attn._maybe_use_kernel(torch.device("cuda"))
+    assert "gravity_kernel" not in attn.__dict__
+    monkeypatch.undo()
+    attn.__dict__.pop("_kernel_probed")
+    attn._maybe_use_kernel(torch.device("cuda"))  # no GPU needed to pick it
+    assert (
+        isinstance(attn.gravity_kernel, GravityKernel) and attn.gravity_kernel.backend == "triton"
+    )

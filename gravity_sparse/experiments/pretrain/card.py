@@ -19,6 +19,7 @@ from gravity_sparse.model.data import (
     split_topics,
     unigram_loss,
 )
+from gravity_sparse.model.io import load_model, save_model
 from gravity_sparse.model.tokenizer import build_tokenizer
 from gravity_sparse.run.config import build_config
 
@@ -37,8 +38,6 @@ def publish_checkpoint(run_dir: Path, dest: Path, command: str = CARD_COMMAND) -
     per-layer masses and a sample.
     """
     import shutil
-
-    from gravity_sparse import load_model, save_model
 
     run_dir, dest = Path(run_dir), Path(dest)
     if not (run_dir / "model" / "config.json").is_file():

@@ -50,6 +50,7 @@ from gravity_sparse.model.data import (
     split_text,
     unigram_loss,
 )
+from gravity_sparse.model.io import save_model
 from gravity_sparse.model.modeling_gravity import GravityForCausalLM
 from gravity_sparse.model.tokenizer import (
     BOS_ID,
@@ -118,18 +119,6 @@ def layer_masses(model: GravityForCausalLM) -> list[list[float]]:
         torch.nn.functional.softplus(attn.gravity_mass_log.detach().float()).tolist()
         for attn in model.gravity_layers()
     ]
-
-
-def save_final_model(model: GravityForCausalLM, tokenizer, out: Path) -> None:
-    """Our checkpoint format through `gravity_sparse.save_model` when the package provides it."""
-    import gravity_sparse
-
-    save_model = getattr(gravity_sparse, "save_model", None)
-    if save_model is not None:
-        save_model(model, tokenizer, out)
-    else:
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
 
 
 @torch.no_grad()
@@ -284,7 +273,7 @@ def finish(
     }
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     model_dir = out_dir / "model"
-    save_final_model(model, build_tokenizer(), model_dir)
+    save_model(model, build_tokenizer(), model_dir)
     print(
         f"pretrain: {steps_done} steps, held-out {heldout:.4f} nats/byte "
         f"(unigram {result['unigram_heldout_loss_nats_per_byte']:.4f}) -> {model_dir}"
