@@ -1,7 +1,7 @@
 """Pretraining a small gravity model from scratch on the bundled corpus (the tiny model's recipe).
 
 `run_pretrain(cfg, out_dir)` trains a `GravityForCausalLM` (gravity attention, learned per-head masses) on
-the train split of `data.py`, byte tokens, next-token cross entropy over random windows of seq_len + 1
+the train split of `model/data.py`, byte tokens, next-token cross entropy over random windows of seq_len + 1
 tokens, AdamW with linear warmup then cosine decay. The masses `gravity_mass_log` (one per query head) get
 their own learning rate and no weight decay (decay would pull them all to the same value).
 

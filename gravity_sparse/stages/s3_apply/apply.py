@@ -2,7 +2,8 @@
 
 Reads `NN_solve/masks.safetensors` (the QUBO's masks) and every `masks_<baseline>.safetensors` beside it, and
 evaluates each on the held-out text at the same sequence length: loss in nats/token and perplexity. The
-sparse attention is the chunked CPU kernel on CPU and the Triton kernel on CUDA (`masks.attach_masks`).
+sparse attention runs in the backend `apply.kernel` names, resolved by `kernels.resolve_backend` (auto:
+the chunked CPU kernel on CPU, Triton on CUDA); the file names do not matter, the stored method does.
 """
 
 from __future__ import annotations
