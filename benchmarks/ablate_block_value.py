@@ -16,14 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-from gravity_sparse.apply import sparse_loss
-from gravity_sparse.config import load_config
-from gravity_sparse.data import encode_text, resolve_text
-from gravity_sparse.io import load_model
-from gravity_sparse.masks import Masks
-from gravity_sparse.pipeline import PipelineConfig
-from gravity_sparse.qubo.stage import read_field, solve_field
-from gravity_sparse.stage import require_stage
+from gravity_sparse.model.data import encode_text, resolve_text
+from gravity_sparse.model.io import load_model
+from gravity_sparse.model.masks import Masks
+from gravity_sparse.run.artifacts import require_stage
+from gravity_sparse.run.config import load_config
+from gravity_sparse.run.pipeline import PipelineConfig
+from gravity_sparse.stages.s2_solve.field_io import read_field
+from gravity_sparse.stages.s2_solve.solve import solve_field
+from gravity_sparse.stages.s3_apply.apply import sparse_loss
 
 VARIANTS = [(v, s) for v in ("profile", "kl", "mass") for s in ("flat", "importance")]
 

@@ -32,9 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gravity_sparse.configuration_gravity import GravityConfig  # noqa: E402
-from gravity_sparse.measure import MeasureConfig, run_measure  # noqa: E402
-from gravity_sparse.modeling_gravity import GravityForCausalLM  # noqa: E402
+from gravity_sparse.model.configuration_gravity import GravityConfig  # noqa: E402
+from gravity_sparse.model.modeling_gravity import GravityForCausalLM  # noqa: E402
+from gravity_sparse.stages.s1_measure.config import MeasureConfig  # noqa: E402
+from gravity_sparse.stages.s1_measure.measure import run_measure  # noqa: E402
 
 CHECKPOINT = ROOT / "checkpoints" / "gravity-tiny"
 
@@ -42,7 +43,7 @@ CHECKPOINT = ROOT / "checkpoints" / "gravity-tiny"
 def build_model(kind: str) -> tuple[GravityForCausalLM, str]:
     """(model, description): the tiny checkpoint, a random model of its shape, or one Gravity-2 layer."""
     if kind == "tiny" and (CHECKPOINT / "config.json").is_file():
-        from gravity_sparse.io import load_model
+        from gravity_sparse.model.io import load_model
 
         model, _ = load_model(CHECKPOINT)
         return model, f"trained checkpoint {CHECKPOINT.relative_to(ROOT)}"
@@ -75,7 +76,7 @@ def build_model(kind: str) -> tuple[GravityForCausalLM, str]:
 
 
 def calibration_ids() -> torch.Tensor:
-    from gravity_sparse.data import split_text
+    from gravity_sparse.model.data import split_text
 
     return torch.tensor(list(split_text("calibration").encode("utf-8")), dtype=torch.long)
 

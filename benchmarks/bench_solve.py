@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from gravity_sparse.qubo.stage import SolveConfig, solve_field
 from gravity_sparse.qubo.synthetic import synthetic_field
+from gravity_sparse.stages.s2_solve.config import SolveConfig
+from gravity_sparse.stages.s2_solve.solve import solve_field
 
 CASES = {
     "gravity2": {"shape": (36, 16, 2, 32), "target_s": 20.0},

@@ -16,10 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-from gravity_sparse.data import encode_text, eval_loss, resolve_text
-from gravity_sparse.io import load_model
-from gravity_sparse.masks import attach_masks, read_masks
-from gravity_sparse.stage import require_stage
+from gravity_sparse.model.data import encode_text, eval_loss, resolve_text
+from gravity_sparse.model.io import load_model
+from gravity_sparse.model.masks import attach_masks, read_masks
+from gravity_sparse.run.artifacts import require_stage
 
 SHOWN = ("token_budget", "lr", "lora_r", "lora_alpha", "distill", "text", "eval_every", "patience")
 

@@ -9,10 +9,13 @@ import os
 # Nothing is ever fetched from a hub: set before transformers is imported anywhere in the package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from .configuration_gravity import GravityConfig  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .io import DEFAULT_MODEL, load_model, save_model  # noqa: E402
-from .modeling_gravity import GravityForCausalLM  # noqa: E402
+# `kernels` is loaded with the package: a sparse model on CUDA finds its kernels in the process (the
+# modeling file ships inside checkpoints and never imports gravity_sparse itself)
+from gravity_sparse import kernels  # noqa: E402, F401
+from gravity_sparse.errors import UserError  # noqa: E402
+from gravity_sparse.model.configuration_gravity import GravityConfig  # noqa: E402
+from gravity_sparse.model.io import DEFAULT_MODEL, load_model, save_model  # noqa: E402
+from gravity_sparse.model.modeling_gravity import GravityForCausalLM  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,8 +1,10 @@
-"""The `gravity-sparse` command: one subcommand per stage, plus `run`, `validate`, `info`, `pretrain`.
+"""The `gravity-sparse` command: one subcommand per stage, plus `run`, `sweep`, `validate`, `info`, `pretrain`.
 
-Every subcommand registers itself with `@command`. User errors (`UserError`) print one line
-`error: ...` on stderr and exit 2; `--debug` shows the traceback instead. Summaries go to stdout (one line
-per stage, or JSON with `--json`); progress bars go to stderr.
+Commands are listed explicitly in `COMMANDS` (no registration as an import side effect); each handler
+imports what it needs when it runs, so `--help`, `info` and `validate` load neither peft, transformers'
+Trainer, dimod nor neal. User errors (`UserError`) print one line `error: ...` on stderr and exit 2;
+`--debug` shows the traceback instead. Summaries go to stdout (one line per stage, or JSON with `--json`);
+progress bars go to stderr.
 """
 
 from __future__ import annotations
@@ -19,30 +21,16 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from .errors import UserError  # noqa: E402
+from gravity_sparse.errors import UserError  # noqa: E402
+from gravity_sparse.stages import STAGES  # noqa: E402
 
 
-@dataclass
+@dataclass(frozen=True)
 class Command:
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
-
-
-COMMANDS: dict[str, Command] = {}
-
-
-def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
-    """Register a subcommand: `@command("info", "...", add_args) def run(args) -> int`."""
-
-    def deco(fn: Callable[[argparse.Namespace], int]):
-        if name in COMMANDS:
-            raise ValueError(f"command {name} registered twice")
-        COMMANDS[name] = Command(name, help, add_arguments, fn)
-        return fn
-
-    return deco
 
 
 def emit(args: argparse.Namespace, summary: dict[str, Any], line: str) -> None:
@@ -63,6 +51,214 @@ def add_config_arguments(p: argparse.ArgumentParser, *, config_required: bool = 
     )
 
 
+def _pipeline_config(path, overrides):
+    from gravity_sparse.run.config import load_config
+    from gravity_sparse.run.pipeline import PipelineConfig
+
+    return load_config(PipelineConfig, path, overrides)
+
+
+# --- stages and run ---------------------------------------------------------------------------------
+
+STAGE_HELP = {
+    "measure": "measure the locality field of every head on calibration text",
+    "solve": "build the QUBOs, anneal them, and write the masks (+ baselines)",
+    "apply": "held-out loss of the sparse model (QUBO + baselines) vs dense, unhealed",
+    "heal": "LoRA-heal the sparse model, sparse attention active",
+    "export": "write the pruned checkpoint and check its parity",
+    "bench": "throughput of dense vs sparse (same backend): whole model, prefill and decode",
+    "report": "report.md with the tables and plots of every stage",
+}
+
+
+def _stage_args(stage: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        add_config_arguments(p)
+        if stage == "export":
+            p.add_argument(
+                "--overwrite", action="store_true", help="replace an existing export.dir"
+            )
+
+    return add
+
+
+def _stage_run(stage: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from gravity_sparse.run.runner import run_stage
+
+        cfg = _pipeline_config(args.config, args.overrides)
+        _, summary, line = run_stage(cfg, stage, overwrite=getattr(args, "overwrite", False))
+        emit(args, summary, line)
+        return 0
+
+    return run
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export.dir")
+    p.add_argument(
+        "--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}"
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gravity_sparse.run.runner import run_pipeline
+
+    cfg = _pipeline_config(args.pipeline, args.overrides)
+    wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+    echo = None if args.json else (lambda line: print(line, flush=True))
+    results = run_pipeline(cfg, wanted, force=args.force, overwrite=args.overwrite, echo=echo)
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        print(f"done: {results['run_dir']}", file=sys.stderr)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from gravity_sparse.experiments.sweep.sweep import run_sweep
+
+    cfg = _pipeline_config(args.config, args.overrides)
+    folder, summary = run_sweep(cfg)
+    emit(
+        args,
+        summary,
+        f"sweep    {folder}  ({len(summary['rows'])} patterns, {summary['wall_s']} s)",
+    )
+    return 0
+
+
+# --- info, validate, pretrain -----------------------------------------------------------------------
+
+
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "path", nargs="?", default=None, help="model directory (default: the bundled tiny model)"
+    )
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from gravity_sparse.model.io import load_model, resolve_model_path
+    from gravity_sparse.model.summary import model_summary
+
+    path = resolve_model_path(args.path)
+    model, tokenizer = load_model(path)
+    s = model_summary(model)
+    s["path"] = str(path)
+    s["tokenizer"] = type(tokenizer).__name__ if tokenizer is not None else None
+    if args.json:
+        emit(args, s, "")
+        return 0
+    print(f"model        {path}")
+    print(
+        f"architecture {s['architecture']} ({s['model_type']}): {s['num_layers']} layers, hidden "
+        f"{s['hidden_size']}, {s['num_attention_heads']} q / {s['num_key_value_heads']} kv heads, "
+        f"head_dim {s['head_dim']}, vocab {s['vocab_size']}, context {s['max_position_embeddings']}"
+    )
+    print(f"parameters   {s['parameters']:,} ({s['dtype']})")
+    print(f"attention    {s['attn_implementation']} (eps {s['gravity_eps']})")
+    if s["block_size"]:
+        print(f"sparsity     block size {s['block_size']}: {s['sparsity']}")
+    print("masses M_h = softplus(gravity_mass_log), per layer:")
+    print("  layer  q/kv heads   min      mean     max")
+    for e in s["layers"]:
+        if e["mass_min"] is None:
+            print(
+                f"  {e['layer']:>5}  {e['q_heads']:>2}/{e['kv_heads']:<2}       (all heads pruned)"
+            )
+            continue
+        print(
+            f"  {e['layer']:>5}  {e['q_heads']:>2}/{e['kv_heads']:<2}       "
+            f"{e['mass_min']:<8.4f} {e['mass_mean']:<8.4f} {e['mass_max']:<8.4f}"
+        )
+    return 0
+
+
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p, config_required=True)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from gravity_sparse.model.io import resolve_model_path
+    from gravity_sparse.run.config import config_to_dict
+
+    cfg = _pipeline_config(args.config, args.overrides)
+    model_path = resolve_model_path(cfg.model.path)
+    cfg.model.torch_device()
+    resolved = config_to_dict(cfg)
+    if args.json:
+        emit(args, {"config": resolved, "model_path": str(model_path)}, "")
+    else:
+        print(yaml.safe_dump(resolved, sort_keys=False).rstrip())
+        print(f"# ok: model {model_path}, run folder {cfg.run_path()}")
+    return 0
+
+
+def _pretrain_args(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+    p.add_argument("--out", default=None, help="output folder (default: the config's out_dir)")
+    p.add_argument("--publish", default=None, help="copy the finished run here with a model card")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gravity_sparse.experiments.pretrain.card import publish_checkpoint
+    from gravity_sparse.experiments.pretrain.config import PretrainConfig
+    from gravity_sparse.experiments.pretrain.train import run_pretrain
+    from gravity_sparse.run.config import load_config
+
+    cfg = load_config(PretrainConfig, args.config or "pipelines/pretrain-tiny.yaml", args.overrides)
+    out = Path(args.out or cfg.out_dir)
+    if args.publish:
+        dest = publish_checkpoint(out, Path(args.publish))
+        emit(args, {"published": str(dest)}, f"published {dest}")
+        return 0
+    model = run_pretrain(cfg, out)
+    emit(args, {"model": str(model)}, f"pretrain {model}")
+    return 0
+
+
+COMMANDS: tuple[Command, ...] = (
+    *(Command(s, STAGE_HELP[s], _stage_args(s), _stage_run(s)) for s in STAGES),
+    Command(
+        "run",
+        "run a whole pipeline from a YAML file, skipping stages already done",
+        _run_args,
+        cmd_run,
+    ),
+    Command(
+        "sweep",
+        "held-out quality vs density for the QUBO and the baselines, before and after healing",
+        add_config_arguments,
+        cmd_sweep,
+    ),
+    Command(
+        "validate",
+        "resolve a pipeline config and check its paths; runs nothing",
+        _validate_args,
+        cmd_validate,
+    ),
+    Command(
+        "info",
+        "show a gravity model's architecture, size, masses and attention implementation",
+        _info_args,
+        cmd_info,
+    ),
+    Command(
+        "pretrain",
+        "train a gravity model from scratch (the bundled tiny model's recipe)",
+        _pretrain_args,
+        cmd_pretrain,
+    ),
+)
+
+
 def _quiet_libraries() -> None:
     # transformers' load reports and tqdm bars from it are noise on stdout; ours go to stderr
     from transformers.utils import logging as hf_logging
@@ -74,14 +270,13 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    _register_all()
     parser = argparse.ArgumentParser(
         prog="gravity-sparse",
         description="Measure, QUBO-prune, block-sparsify, heal and export gravity-attention models.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for cmd in COMMANDS.values():
+    for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         p.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
@@ -90,11 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)
     return parser
-
-
-def _register_all() -> None:
-    # importing a module registers its commands
-    from . import commands  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

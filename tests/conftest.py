@@ -12,7 +12,7 @@ if shutil.which("nvidia-smi") is None:
 import pytest  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
-from gravity_sparse.modeling_gravity import GravityForCausalLM  # noqa: E402
+from gravity_sparse.model.modeling_gravity import GravityForCausalLM  # noqa: E402
 
 
 @pytest.fixture

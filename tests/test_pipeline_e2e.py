@@ -1,5 +1,11 @@
-"""End to end on CPU: measure → solve → apply → heal → export → bench → report, caching, bad input."""
+"""End to end on CPU: measure → solve → apply → heal → export → bench → report, caching, bad input.
 
+The whole pipeline runs once per module (`pipeline_run`, slow); a failure there fails every test that
+needs it, loudly. Cache invalidation is proven on the cache key in tests/run/test_cache_key.py.
+"""
+
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -13,7 +19,7 @@ from tiny_models import tiny_model
 
 from gravity_sparse import save_model
 from gravity_sparse.cli import main
-from gravity_sparse.tokenizer import build_tokenizer
+from gravity_sparse.model.tokenizer import build_tokenizer
 
 STAGES = ["measure", "solve", "apply", "heal", "export", "bench", "report"]
 
@@ -50,10 +56,20 @@ def _run(capsys, *argv):
     return rc, captured.out, captured.err
 
 
-def test_full_pipeline_then_reload_in_plain_transformers(run_setup, capsys):
+@pytest.fixture(scope="module")
+def pipeline_run(run_setup):
+    """The whole pipeline, run once; it must succeed (an error here fails every test using it)."""
     root, pipeline = run_setup
-    rc, out, err = _run(capsys, "run", str(pipeline))
-    assert rc == 0, err[-2000:]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["run", str(pipeline)])
+    assert rc == 0, f"the pipeline failed:\n{err.getvalue()[-3000:]}"
+    return root, pipeline, out.getvalue()
+
+
+@pytest.mark.slow
+def test_full_pipeline_then_reload_in_plain_transformers(pipeline_run):
+    root, pipeline, out = pipeline_run
     assert [line.split()[0] for line in out.strip().splitlines()] == STAGES
     run = root / "run"
     export = json.loads((run / "05_export" / "export.json").read_text())
@@ -98,22 +114,17 @@ def test_full_pipeline_then_reload_in_plain_transformers(run_setup, capsys):
     assert "OK" in proc.stdout.split()
 
 
-def test_rerun_is_cached_and_density_change_redoes_downstream(run_setup, capsys):
-    root, pipeline = run_setup
-    if not (root / "run" / "07_report").exists():
-        pytest.skip("needs the full pipeline run of the previous test")
+@pytest.mark.slow
+def test_rerun_is_cached(pipeline_run, capsys):
+    root, pipeline, _ = pipeline_run
     rc, out, _ = _run(capsys, "run", str(pipeline))
     assert rc == 0 and out.count("[cached]") == len(STAGES)
-    rc, out, err = _run(capsys, "run", str(pipeline), "solve.density=0.6", "--overwrite")
-    assert rc == 0, err[-2000:]
-    status = {line.split()[0]: "[cached]" in line for line in out.strip().splitlines()}
-    assert status == {s: s == "measure" for s in STAGES}
 
 
-def test_export_dir_exists_is_refused(run_setup, capsys):
-    root, pipeline = run_setup
-    if not (root / "exported").exists():
-        pytest.skip("needs the full pipeline run")
+@pytest.mark.slow
+def test_export_dir_exists_is_refused(pipeline_run, capsys):
+    root, pipeline, _ = pipeline_run
+    assert (root / "exported").exists()
     rc, _, err = _run(capsys, "export", "-c", str(pipeline))
     assert rc == 2 and "already exists" in err and err.strip().count("\n") == 0
 
@@ -124,6 +135,8 @@ def test_export_dir_exists_is_refused(run_setup, capsys):
         ("heal.token_budget=0", "heal.token_budget must be positive"),
         ("solve.density=1.5", "solve.density must be in (0, 1]"),
         ("apply.seq_len=4096", "apply.seq_len 4096 is longer than measure.seq_len"),
+        ("masks=best", "masks must be one of qubo, greedy"),
+        ("heal.kernel=fast", "heal.kernel must be one of auto, reference, cpu"),
     ],
 )
 def test_bad_config_one_line(run_setup, capsys, override, message):
@@ -132,19 +145,25 @@ def test_bad_config_one_line(run_setup, capsys, override, message):
     assert rc == 2 and message in err and err.strip().count("\n") == 0
 
 
-def test_masks_from_another_model_shape(run_setup, capsys, tmp_path):
-    root, pipeline = run_setup
-    if not (root / "run" / "02_solve").exists():
-        pytest.skip("needs the full pipeline run")
+@pytest.mark.slow
+def test_masks_from_another_model_shape(pipeline_run, capsys, tmp_path):
+    root, pipeline, _ = pipeline_run
     other = save_model(tiny_model(num_hidden_layers=3), build_tokenizer(), tmp_path / "other")
     rc, _, err = _run(capsys, "apply", "-c", str(pipeline), f"model.path={other}")
     assert rc == 2 and "masks are for a model of 2 layers" in err
 
 
-def test_sweep_equal_budgets_and_outputs(run_setup, capsys):
-    root, pipeline = run_setup
-    if not (root / "run" / "01_measure").exists():
-        pytest.skip("needs the full pipeline run")
+@pytest.mark.slow
+def test_solve_refuses_an_eps_other_than_the_models(pipeline_run, capsys):
+    root, pipeline, _ = pipeline_run
+    rc, _, err = _run(capsys, "solve", "-c", str(pipeline), "solve.eps=0.5")
+    assert rc == 2 and "differs from the model's gravity_eps" in err
+    assert err.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_sweep_equal_budgets_and_outputs(pipeline_run, capsys):
+    root, pipeline, _ = pipeline_run
     rc, out, err = _run(
         capsys,
         "sweep",
@@ -168,3 +187,6 @@ def test_sweep_equal_budgets_and_outputs(run_setup, capsys):
     assert all(r["heal_steps"] == 4 for r in rows)
     assert summary["skipped"][0]["density"] == 0.9  # 6 of 8 heads cannot reach density 0.9
     assert (root / "run" / "sweep" / "pareto.png").stat().st_size > 10_000
+    meta = json.loads((root / "run" / "sweep" / "meta.json").read_text())
+    assert meta["status"] == "ok" and meta["summary"]["rows"] == 3
+    assert set(meta["input_hashes"]) == {"model", "field", "eval", "heal"}

@@ -2,9 +2,9 @@
 
 import torch
 
-from gravity_sparse.configuration_gravity import GravityConfig
-from gravity_sparse.masks import Masks
-from gravity_sparse.modeling_gravity import GravityForCausalLM
+from gravity_sparse.model.configuration_gravity import GravityConfig
+from gravity_sparse.model.masks import Masks
+from gravity_sparse.model.modeling_gravity import GravityForCausalLM
 
 
 def tiny_config(**overrides) -> GravityConfig:
@@ -22,17 +22,27 @@ def tiny_config(**overrides) -> GravityConfig:
     return GravityConfig(**kwargs)
 
 
-def tiny_model(seed: int = 0, **overrides) -> GravityForCausalLM:
-    """A random tiny gravity model with non-uniform masses (so a wrong head/layer mapping shows)."""
+def tiny_model(
+    seed: int = 0, *, sharpen: bool = True, random_masses: bool = False, device=None, **overrides
+) -> GravityForCausalLM:
+    """The one builder of random tiny gravity models for the tests.
+
+    Masses differ across heads and layers (so a wrong head/layer mapping shows): a linspace by default,
+    N(1, 1) draws with `random_masses`. `sharpen` scales the q/k projections up, so that attention is far
+    from uniform. `overrides` go to the config (`tiny_config`).
+    """
     torch.manual_seed(seed)
     model = GravityForCausalLM(tiny_config(**overrides)).eval()
     with torch.no_grad():
         for i, attn in enumerate(model.gravity_layers()):
-            attn.gravity_mass_log.copy_(torch.linspace(-1.0, 2.0, attn.num_heads) + 0.5 * i)
-            # larger projections than the default init, so attention is far from uniform
-            attn.q_proj.weight.mul_(8.0)
-            attn.k_proj.weight.mul_(8.0)
-    return model
+            if random_masses:
+                attn.gravity_mass_log.copy_(torch.randn(attn.num_heads) + 1.0)
+            else:
+                attn.gravity_mass_log.copy_(torch.linspace(-1.0, 2.0, attn.num_heads) + 0.5 * i)
+            if sharpen:
+                attn.q_proj.weight.mul_(8.0)
+                attn.k_proj.weight.mul_(8.0)
+    return model if device is None else model.to(device)
 
 
 def random_masks(L=2, H=4, nb=4, block=16, seed=0, drop=((0, 1), (1, 0), (1, 1), (1, 2), (1, 3))):

@@ -2,29 +2,25 @@
 
     score(i, j) = M_h² / (‖q_i − k_j‖² + ε),   M_h = softplus(gravity_mass_log[h]),   attn = softmax_j(score)
 
-over the causal prefix, KV heads expanded to the query heads (GQA), ‖q − k‖² computed as
-‖q‖² + ‖k‖² − 2 q·k clamped at 0 after centering q and k by a common vector (exact, and it keeps the
-cancellation small when the norms are large). Source: the Gravity-2 model card.
+over the causal prefix, KV heads expanded to the query heads (GQA), ‖q − k‖² = ‖q‖² + ‖k‖² − 2 q·k clamped
+at 0 after centering q and k by a common vector (exact; keeps the cancellation small). Registered as the
+attention implementation "gravity" through `AttentionInterface` and `AttentionMaskInterface` (the mask
+registration makes transformers build a boolean causal+padding mask; without it padding is silently lost).
 
-Registered in transformers as the attention implementation "gravity" through `AttentionInterface` and
-`AttentionMaskInterface` (the mask registration makes transformers build a boolean causal+padding mask
-for us; without it the attention function is handed no mask and padded batches are silently wrong).
+A layer may carry a block-sparse pattern (buffers `gravity_head_keep[Hq]`, `gravity_block_mask[Hq, NQB,
+NKB]`, block size `config.gravity_block_size`): query i sees key j only if block (i // B, j // B) is kept; a
+dropped head outputs zero. Pruned models may have per-layer head counts (`num_attention_heads_per_layer`).
 
-A model may carry a block-sparse pattern per layer (buffers `gravity_head_keep[Hq]` and
-`gravity_block_mask[Hq, NQB, NKB]`, block size `config.gravity_block_size`): query i may see key j only if
-the block (i // B, j // B) is kept; a dropped head outputs zero. Pruned models may have a different number
-of heads in every layer (`config.num_attention_heads_per_layer`).
-
-Self-contained: this file is copied next to every checkpoint `save_model` writes, so a Python with only
-torch, transformers and safetensors runs it (`trust_remote_code=True`). It may import only torch,
-transformers and `configuration_gravity` from the same folder. On CUDA, a sparse layer switches to
-gravity_sparse's Triton kernel when that package is importable (`GravityAttention._maybe_use_triton`).
+Self-contained: copied next to every checkpoint, so a Python with only torch, transformers and safetensors
+runs it (`trust_remote_code=True`); it imports only those and `configuration_gravity`. On CUDA a sparse layer
+takes the kernel gravity_sparse's resolver picks when `gravity_sparse.kernels` is loaded in the process
+(`GravityAttention._maybe_use_kernel`); this file never imports gravity_sparse itself.
 """
 
 from __future__ import annotations
 
 import inspect
-import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -57,6 +53,29 @@ def cache_kwarg(cache) -> dict:
     return {CACHE_ARG: cache}
 
 
+def gravity_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mass_log: torch.Tensor,
+    eps: float,
+    kv_groups: torch.Tensor,
+) -> torch.Tensor:
+    """The score formula, for the reference and measure: raw M² / (‖q_i − k_j‖² + ε), no mask, fp32.
+
+    q (B, Hq, S, D), k (B, Hkv, Sk, D), kv_groups (Hq,); centred by the mean key. -> (B, Hq, S, Sk).
+    """
+    kf = k.float().index_select(1, kv_groups.to(k.device))  # (B, Hq, Sk, D)
+    center = kf.mean(dim=2, keepdim=True)
+    qc, kc = q.float() - center, kf - center
+    d2 = (
+        qc.pow(2).sum(-1, keepdim=True)  # (B, Hq, S, 1)
+        + kc.pow(2).sum(-1).unsqueeze(-2)  # (B, Hq, 1, Sk)
+        - 2.0 * qc @ kc.transpose(-1, -2)  # (B, Hq, S, Sk)
+    ).clamp_min(0.0)
+    mass = F.softplus(mass_log.float()).view(1, -1, 1, 1)
+    return mass.square() / (d2 + eps)
+
+
 def gravity_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -78,9 +97,8 @@ def gravity_attention_reference(
     indexed by absolute positions (i // block_size, j // block_size); head_keep (Hq,) bool.
     attention_mask: (B, 1|Hq, S, Sk) bool (True = attend) or additive float, as transformers builds it;
     without it a plain causal mask applies. kv_groups (Hq,) long: KV head of each query head (default
-    h // (Hq // Hkv)).
-    Returns out (B, Hq, S, D) in q's dtype and, if asked, the attention probabilities (B, Hq, S, Sk) fp32.
-    Computed in fp32.
+    h // (Hq // Hkv)). Computed in fp32; returns out (B, Hq, S, D) in q's dtype and, if asked, the
+    attention probabilities (B, Hq, S, Sk) fp32.
     """
     bsz, hq, s, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -93,18 +111,8 @@ def gravity_attention_reference(
             )
         kv_groups = torch.arange(hq, device=q.device) // (hq // hkv)
     kv_groups = kv_groups.to(q.device)
-    qf = q.float()
-    kf = k.float().index_select(1, kv_groups)  # (B, Hq, Sk, D)
     vf = v.float().index_select(1, kv_groups)
-    center = kf.mean(dim=2, keepdim=True)  # a common shift of q and k leaves ‖q − k‖ unchanged
-    qc, kc = qf - center, kf - center
-    d2 = (
-        qc.pow(2).sum(-1, keepdim=True)  # (B, Hq, S, 1)
-        + kc.pow(2).sum(-1).unsqueeze(-2)  # (B, Hq, 1, Sk)
-        - 2.0 * qc @ kc.transpose(-1, -2)  # (B, Hq, S, Sk)
-    ).clamp_min(0.0)
-    mass = F.softplus(mass_log.float()).view(1, hq, 1, 1)
-    scores = mass.square() / (d2 + eps)
+    scores = gravity_scores(q, k, mass_log, eps, kv_groups)
 
     q_pos = torch.arange(sk - s, sk, device=q.device)
     k_pos = torch.arange(sk, device=q.device)
@@ -177,11 +185,8 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, gravity_mask)
 
 
 class GravityAttention(nn.Module):
-    """Qwen2 attention with the gravity score and one learned mass per query head.
-
-    Buffers `gravity_head_keep` (Hq,) and `gravity_block_mask` (Hq, NQB, NKB) exist only on sparse
-    models (config.gravity_block_size set); `set_sparsity` attaches or removes them at run time.
-    """
+    """Qwen2 attention with the gravity score and one learned mass per query head; the sparsity buffers
+    (`gravity_head_keep`, `gravity_block_mask`) are set on sparse models or by `set_sparsity`."""
 
     def __init__(self, config: GravityConfig, layer_idx: int):
         super().__init__()
@@ -253,19 +258,16 @@ class GravityAttention(nn.Module):
             return_weights=return_weights,
         )
 
-    def _maybe_use_triton(self) -> None:
-        """On CUDA, a sparse layer runs in gravity_sparse's Triton kernel when that package is importable
-        (set GRAVITY_SPARSE_KERNEL=reference to keep the PyTorch path). Probed once per layer."""
+    def _maybe_use_kernel(self, device: torch.device) -> None:
+        """On CUDA: the kernel of gravity_sparse's resolver, if `gravity_sparse.kernels` is loaded (once)."""
         if self.__dict__.get("_kernel_probed") or getattr(self, "gravity_kernel", None) is not None:
             return
         self._kernel_probed = True
-        if os.environ.get("GRAVITY_SPARSE_KERNEL", "auto") == "reference":
-            return
-        try:
-            from gravity_sparse.kernels.attach import GravityKernel
-        except ImportError:
-            return
-        self.gravity_kernel = GravityKernel("triton")
+        kernels = sys.modules.get("gravity_sparse.kernels")
+        if kernels is not None:
+            kernel = kernels.model_kernel(device)
+            if kernel is not None:
+                self.gravity_kernel = kernel
 
     def forward(
         self,
@@ -295,7 +297,7 @@ class GravityAttention(nn.Module):
         if self.num_heads == 0:
             return torch.zeros_like(hidden_states), None
         if self.gravity_block_mask is not None and query_states.is_cuda:
-            self._maybe_use_triton()
+            self._maybe_use_kernel(query_states.device)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, gravity_attention_forward
         )
@@ -393,5 +395,6 @@ __all__ = [
     "GravityPreTrainedModel",
     "gravity_attention_forward",
     "gravity_attention_reference",
+    "gravity_scores",
     "cache_kwarg",
 ]

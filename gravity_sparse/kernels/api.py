@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 
 import torch
 
@@ -10,24 +11,55 @@ from ..errors import UserError
 from .block_index import BlockIndex, build_block_index, check_mask_length, default_kv_groups
 from .reference import reference_attention
 
-BACKENDS = ("auto", "reference", "triton", "flex")
+
+class Backend(StrEnum):
+    """The attention backends. `resolve_backend` turns AUTO into a concrete one for a device."""
+
+    AUTO = "auto"  # TRITON on CUDA, CPU on CPU
+    REFERENCE = "reference"  # dense PyTorch with the masks applied: the specification
+    CPU = "cpu"  # chunked causal kernel with a hand-written backward (kernels/causal_cpu.py)
+    TRITON = "triton"  # block-sparse Triton kernels (prefill forward/backward, decode)
+    FLEX = "flex"  # torch FlexAttention with a gravity score_mod
+
+
+BACKENDS = tuple(b.value for b in Backend)
 DECODE_MAX_QUERIES = 16  # up to this many queries against a longer cache take the decode kernel
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for a device: auto is triton on CUDA, reference elsewhere."""
-    if backend not in BACKENDS:
+BACKEND_HELP = "auto (triton on CUDA, the CPU kernel on CPU) | cpu | reference | triton | flex"
+
+
+def check_backend(key: str, value: str) -> None:
+    """A config value names a backend, or a one-line error naming the key."""
+    if value not in BACKENDS:
+        raise UserError(f"{key} must be one of {', '.join(BACKENDS)}, not {value!r}")
+
+
+def resolve_backend(backend: str | Backend, device: torch.device | str) -> Backend:
+    """The one place that picks the attention backend: auto is triton on CUDA, the CPU kernel on CPU.
+
+    Every caller (apply, heal, bench, export, sweep, pretrain, the model's own CUDA probe) goes through
+    here, so "auto" means the same everywhere. An unknown name or an unusable one is a one-line error.
+    """
+    try:
+        chosen = Backend(backend)
+    except ValueError:
         raise UserError(
             f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}"
-        )
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "reference"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        ) from None
+    device = torch.device(device)
+    if chosen is Backend.AUTO:
+        return Backend.TRITON if device.type == "cuda" else Backend.CPU
+    if (
+        chosen is Backend.TRITON
+        and device.type != "cuda"
+        and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
         raise UserError(
             "the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1 for tests); "
-            "use backend='reference' on CPU"
+            "use backend 'cpu' or 'reference' on CPU"
         )
-    return backend
+    return chosen
 
 
 def _check_inputs(
@@ -102,7 +134,14 @@ def gravity_attention(
     """
     _check_inputs(q, k, v, mass_log, block_mask, head_keep, block_size, kv_groups)
     backend = resolve_backend(backend, q.device)
-    if backend == "reference":
+    if backend is Backend.CPU:
+        from .causal_cpu import cpu_attention
+
+        return cpu_attention(
+            q, k, v, mass_log, eps=eps, block_mask=block_mask, head_keep=head_keep,
+            block_size=block_size, kv_groups=kv_groups,
+        )  # fmt: skip
+    if backend is Backend.REFERENCE:
         return reference_attention(
             q, k, v, mass_log, eps=eps, block_mask=block_mask, head_keep=head_keep,
             block_size=block_size, kv_groups=kv_groups,
@@ -122,7 +161,7 @@ def gravity_attention(
             f"block {index.first_q_block}) used for (block, blocks, first query block) = {expected}"
         )
     groups = kv_groups.to(device=q.device, dtype=torch.int32).contiguous()
-    if backend == "flex":
+    if backend is Backend.FLEX:
         from .flex import flex_gravity_attention
 
         return flex_gravity_attention(q, k, v, mass_log, groups, index, eps=eps)

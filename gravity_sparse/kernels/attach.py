@@ -13,23 +13,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modeling_gravity import GravityAttention
-from .api import gravity_attention, resolve_backend
+from .api import Backend, gravity_attention, resolve_backend
 from .block_index import BlockIndex, build_block_index
+from .causal_cpu import cpu_gravity_kernel
+from .reference import is_plain_causal
 
 DENSE_TILE = 64  # tile size for a model without block masks (every causal block kept)
 _CACHE_SIZE = 8
-
-
-def is_plain_causal(attention_mask: torch.Tensor, seq_len_q: int, seq_len_k: int) -> bool:
-    """True if a transformers mask (B, 1|H, S, Sk') allows exactly the causal prefix of every query."""
-    mask = attention_mask[..., -seq_len_k:]
-    if mask.shape[-2] != seq_len_q or mask.shape[-1] != seq_len_k:
-        return False
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    q_pos = torch.arange(seq_len_k - seq_len_q, seq_len_k, device=mask.device)
-    causal = torch.arange(seq_len_k, device=mask.device).view(1, -1) <= q_pos.view(-1, 1)
-    return bool((allowed == causal).all())
 
 
 class GravityKernel:
@@ -40,7 +30,7 @@ class GravityKernel:
         self._index: dict[tuple, BlockIndex] = {}
 
     def _block_index(
-        self, module: GravityAttention, block_size: int, seq_len_q: int, seq_len_k: int, device
+        self, module: nn.Module, block_size: int, seq_len_q: int, seq_len_k: int, device
     ) -> BlockIndex:
         block_mask, head_keep = module.gravity_block_mask, module.gravity_head_keep
         # the lists depend on the mask contents and the block extent, not on the exact lengths
@@ -72,7 +62,7 @@ class GravityKernel:
 
     def __call__(
         self,
-        module: GravityAttention,
+        module: nn.Module,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
@@ -99,20 +89,51 @@ class GravityKernel:
         )  # fmt: skip
 
 
-def attach_kernel(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Make every GravityAttention of `model` run through `gravity_attention`; returns the model."""
-    resolve_backend(backend, next(model.parameters()).device)  # fail early on an unusable backend
-    layers = [m for m in model.modules() if isinstance(m, GravityAttention)]
+def _attention_layers(model: nn.Module) -> list[nn.Module]:
+    # duck-typed (no import of the modeling file: the model depends on nothing here)
+    if hasattr(model, "gravity_layers"):
+        return list(model.gravity_layers())
+    return [m for m in model.modules() if hasattr(m, "gravity_mass_log") and hasattr(m, "o_proj")]
+
+
+def kernel_for(backend: str | Backend, device: torch.device | str):
+    """The `gravity_kernel` hook that runs `backend` on `device` (None: the model's own reference)."""
+    chosen = resolve_backend(backend, device)
+    if chosen is Backend.REFERENCE:
+        return None
+    if chosen is Backend.CPU:
+        return cpu_gravity_kernel
+    return GravityKernel(chosen.value)
+
+
+def attach_kernel(model: nn.Module, backend: str | Backend = "auto") -> Backend:
+    """Route every gravity attention layer of `model` through `backend` (resolved for the model's
+    device by `resolve_backend`: auto is triton on CUDA, the CPU kernel on CPU); returns the backend used.
+
+    This is how apply, heal, bench, export, sweep and pretrain choose a kernel.
+    """
+    device = next(model.parameters()).device
+    chosen = resolve_backend(backend, device)  # fail early on an unusable backend
+    layers = _attention_layers(model)
     if not layers:
-        raise ValueError("attach_kernel: the model has no GravityAttention layers")
+        raise ValueError("attach_kernel: the model has no gravity attention layers")
     for attn in layers:
-        attn.gravity_kernel = GravityKernel(backend)
-    return model
+        kernel = kernel_for(chosen, device)
+        if kernel is None:
+            attn.__dict__.pop("gravity_kernel", None)
+        else:
+            attn.gravity_kernel = kernel
+    return chosen
 
 
 def detach_kernel(model: nn.Module) -> nn.Module:
     """Undo `attach_kernel`: the layers go back to the reference attention; returns the model."""
-    for attn in model.modules():
-        if isinstance(attn, GravityAttention) and "gravity_kernel" in attn.__dict__:
-            del attn.gravity_kernel
+    for attn in _attention_layers(model):
+        attn.__dict__.pop("gravity_kernel", None)
     return model
+
+
+def model_kernel(device: torch.device | str):
+    """The kernel a sparse model layer picks on its own on CUDA (`GravityAttention` asks for it when
+    `gravity_sparse.kernels` is loaded): the resolver's auto choice."""
+    return kernel_for(Backend.AUTO, device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .attach import is_plain_causal
+from .reference import is_plain_causal, reference_attention
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
@@ -103,22 +103,30 @@ class CausalGravityAttention(torch.autograd.Function):
         return dq.to(dout.dtype), dk, dv, dmass.to(mass_log.dtype), None, None, None, None
 
 
-def cpu_gravity_kernel(
-    module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask
+def cpu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mass_log: torch.Tensor,
+    *,
+    eps: float = 0.1,
+    block_mask: torch.Tensor | None = None,
+    head_keep: torch.Tensor | None = None,
+    block_size: int | None = None,
+    kv_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`gravity_kernel` hook of a GravityAttention on CPU, dense or sparse: forward and backward.
+    """The "cpu" backend of `gravity_attention`: causal, dense or block-sparse, forward and backward.
 
     Dropped heads are not computed (their output is zero, their parameters get no gradient); block-masked
-    keys get probability 0. Falls back to the reference for cached decode, padding, masks whose diagonal
-    block is dropped for a kept head (rows with nothing allowed) and sequences longer than the mask (the
-    reference raises the readable error).
+    keys get probability 0. Falls back to the reference for cached decode (fewer queries than keys), masks
+    whose diagonal block is dropped for a kept head (rows with nothing allowed) and sequences longer than
+    the mask (the reference raises the readable error).
     """
     bsz, hq, s, d = q.shape
-    keep, bm = module.gravity_head_keep, module.gravity_block_mask
-    bs = module.config.gravity_block_size
-    fallback = k.shape[2] != s or (
-        attention_mask is not None and not is_plain_causal(attention_mask, s, s)
-    )
+    if kv_groups is None:
+        kv_groups = torch.arange(hq, device=q.device) // max(1, hq // max(1, k.shape[1]))
+    fallback = k.shape[2] != s
+    bm, keep, bs = block_mask, head_keep, block_size
     if bm is not None and not fallback:
         nb = min(bm.shape[-2:])
         kept = keep if keep is not None else torch.ones(hq, dtype=torch.bool, device=bm.device)
@@ -128,9 +136,12 @@ def cpu_gravity_kernel(
             or not bool(bm[kept].diagonal(dim1=-2, dim2=-1)[:, : (s - 1) // bs + 1].all())
         )
     if fallback:
-        return module.reference_attention(q, k, v, attention_mask)[0]
+        return reference_attention(
+            q, k, v, mass_log, eps=eps, block_mask=bm, head_keep=keep, block_size=bs,
+            kv_groups=kv_groups,
+        )  # fmt: skip
     idx = None if keep is None or bool(keep.all()) else keep.nonzero().squeeze(1).to(q.device)
-    mass_log, kv_groups = module.gravity_mass_log, module.gravity_kv_groups
+    kv_groups = kv_groups.to(q.device)
     if idx is not None:
         if idx.numel() == 0:
             return q.new_zeros(q.shape)
@@ -144,18 +155,23 @@ def cpu_gravity_kernel(
         pos = torch.arange(s, device=q.device) // bs
         heads = bm.to(q.device) if idx is None else bm.to(q.device).index_select(0, idx)
         blocked = ~heads[:, pos][:, :, pos]  # (kept heads, S, S)
-    out = CausalGravityAttention.apply(
-        q, k, v, mass_log, kv_groups, module.config.gravity_eps, 64, blocked
-    )
+    out = CausalGravityAttention.apply(q, k, v, mass_log, kv_groups, eps, 64, blocked)
     if idx is None:
         return out
     return out.new_zeros(bsz, hq, s, d).index_copy(1, idx, out)
 
 
-def set_training_kernel(model: torch.nn.Module, enabled: bool) -> None:
-    """Attach (or remove) the fast causal kernel on every gravity layer."""
-    for attn in model.gravity_layers():
-        if enabled:
-            attn.gravity_kernel = cpu_gravity_kernel
-        elif "gravity_kernel" in attn.__dict__:
-            del attn.gravity_kernel
+def cpu_gravity_kernel(
+    module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask
+) -> torch.Tensor:
+    """`gravity_kernel` hook of a GravityAttention on CPU: `cpu_attention` with the layer's masses,
+    ε, GQA groups and sparsity; a padded batch (not plain causal) goes to the reference with its mask."""
+    if attention_mask is not None and not is_plain_causal(attention_mask, q.shape[2], k.shape[2]):
+        return module.reference_attention(q, k, v, attention_mask)[0]
+    bm = module.gravity_block_mask
+    return cpu_attention(
+        q, k, v, module.gravity_mass_log, eps=module.config.gravity_eps,
+        block_mask=bm, head_keep=module.gravity_head_keep,
+        block_size=module.config.gravity_block_size if bm is not None else None,
+        kv_groups=module.gravity_kv_groups,
+    )  # fmt: skip

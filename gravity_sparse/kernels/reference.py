@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..modeling_gravity import gravity_attention_reference
+from ..model.modeling_gravity import gravity_attention_reference
 
 
 def reference_attention(
@@ -38,3 +38,14 @@ def reference_attention(
         kv_groups=kv_groups,
     )
     return out
+
+
+def is_plain_causal(attention_mask: torch.Tensor, seq_len_q: int, seq_len_k: int) -> bool:
+    """True if a transformers mask (B, 1|H, S, Sk') allows exactly the causal prefix of every query."""
+    mask = attention_mask[..., -seq_len_k:]
+    if mask.shape[-2] != seq_len_q or mask.shape[-1] != seq_len_k:
+        return False
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    q_pos = torch.arange(seq_len_k - seq_len_q, seq_len_k, device=mask.device)
+    causal = torch.arange(seq_len_k, device=mask.device).view(1, -1) <= q_pos.view(-1, 1)
+    return bool((allowed == causal).all())

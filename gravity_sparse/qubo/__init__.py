@@ -1,5 +1,6 @@
-"""QUBO solve stage: head and block keep/drop decisions by simulated annealing, plus baselines.
+"""The QUBO math of the solve stage, free of files and configs.
 
-formulation (BQM construction), anneal (bisection, annealing, repair), baselines, exact (brute force,
-MILP), report (plots), stage (SolveConfig, solve_field, write_solve_outputs), synthetic (test fields).
+registry (method names, limits; light), formulation (terms, subproblems, BQMs), anneal (bisection, annealing,
+repair), exact (brute force, MILP), baselines (greedy, window, random, uniform), profile (the profile
+field), synthetic (Gravity-2-shaped test fields).
 """

@@ -20,8 +20,7 @@ import numpy as np
 
 from gravity_sparse.errors import UserError
 from gravity_sparse.qubo.formulation import offdiag_blocks
-
-BASELINES = ("greedy", "window", "random", "uniform")
+from gravity_sparse.qubo.registry import BASELINES
 
 
 def _extra(heads: np.ndarray, nb: int, nqb: int, target_blocks: int) -> int:

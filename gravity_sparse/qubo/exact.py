@@ -18,8 +18,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from gravity_sparse.errors import UserError
 from gravity_sparse.qubo.formulation import Subproblem
-
-BRUTE_FORCE_MAX = 20
+from gravity_sparse.qubo.registry import BRUTE_FORCE_MAX
 
 
 def brute_force(sub: Subproblem) -> tuple[np.ndarray, float]:

@@ -18,7 +18,7 @@ import torch
 
 def _block_field(alpha: float, sink: float, nqb: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     """(NQB, NQB) block-averaged attention of one head with a power law plus a sink, and the
-    block-averaged drop cost −log(1 − p) (see `gravity_sparse.field.block_mass_sums`)."""
+    block-averaged drop cost −log(1 − p) (see `gravity_sparse.stages.s1_measure.field.block_mass_sums`)."""
     seq = nqb * block
     pos = np.arange(seq)
     dist = pos[:, None] - pos[None, :]

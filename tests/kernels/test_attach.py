@@ -4,44 +4,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import random_masks, tiny_model
 
-from gravity_sparse.configuration_gravity import GravityConfig
 from gravity_sparse.kernels import GravityKernel, attach_kernel, detach_kernel
-from gravity_sparse.modeling_gravity import GravityForCausalLM
+from gravity_sparse.model.masks import attach_masks
+from gravity_sparse.model.modeling_gravity import GravityForCausalLM
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BLOCK, MAX_LEN = 16, 64
 
 
 def tiny_sparse_model(seed: int = 0) -> GravityForCausalLM:
-    torch.manual_seed(seed)
-    config = GravityConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        gravity_mass_init=1.0,
+    """A tiny model with random block masks and one dropped head per layer (reference attention)."""
+    model = tiny_model(
+        seed, sharpen=False, random_masses=True, device=DEVICE, vocab_size=64, pad_token_id=None,
+        intermediate_size=96, max_position_embeddings=128,
+    )  # fmt: skip
+    masks = random_masks(
+        L=2, H=4, nb=MAX_LEN // BLOCK, block=BLOCK, seed=seed, drop=((0, 0), (1, 1))
     )
-    model = GravityForCausalLM(config).to(DEVICE).eval()
-    config.gravity_block_size, config.gravity_max_length = BLOCK, MAX_LEN
-    nb = MAX_LEN // BLOCK
-    gen = torch.Generator().manual_seed(seed)
-    for i, attn in enumerate(model.gravity_layers()):
-        diag = torch.eye(nb, dtype=torch.bool).expand(4, nb, nb)
-        mask = ((torch.rand(4, nb, nb, generator=gen) < 0.4) | diag).tril()
-        keep = torch.ones(4, dtype=torch.bool)
-        keep[i] = False  # one dropped head per layer
-        with torch.no_grad():
-            attn.gravity_mass_log.normal_(1.0, 0.5)
-        # GravityAttention.__init__ leaves plain None attributes that register_buffer refuses to
-        # replace (reported to the lead); clearing them keeps this test on the public set_sparsity
-        attn.__dict__.pop("gravity_head_keep", None)
-        attn.__dict__.pop("gravity_block_mask", None)
-        attn.set_sparsity(keep, mask)
-    return model
+    return attach_masks(model, masks, kernel="reference")
 
 
 @torch.no_grad()

@@ -7,8 +7,8 @@ import torch
 from tiny_models import assert_same_output_and_grads, attention_inputs, random_masks, tiny_model
 
 from gravity_sparse.kernels.causal_cpu import CausalGravityAttention, cpu_gravity_kernel
-from gravity_sparse.masks import Masks, attach_masks
-from gravity_sparse.modeling_gravity import gravity_attention_reference
+from gravity_sparse.model.masks import Masks, attach_masks
+from gravity_sparse.model.modeling_gravity import gravity_attention_reference
 
 
 def _block_mask(hq, nb, seed):

@@ -1,0 +1,1 @@
+"""The quality-vs-density sweep (`gravity-sparse sweep`): config, runner, plot."""

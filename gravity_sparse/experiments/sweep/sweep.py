@@ -1,0 +1,181 @@
+"""sweep: held-out quality against density — the project's central evidence.
+
+For every (density, head-drop fraction) of the sweep, the QUBO and the baselines are solved at exactly the
+same budget from the run's measured field (`NN_measure/field.safetensors`); each pattern is evaluated on the
+held-out text before healing and, optionally, after a short LoRA heal with the same token budget. Output in
+`RUN/sweep/`: `sweep.json` (one row per pattern), `sweep.md` (the table), `pareto.png` (held-out loss
+against density, one line per method, unhealed dashed, healed solid, dense as a horizontal line) and a
+`meta.json` like every stage folder's (written atomically by `run.artifacts.stage_folder`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gravity_sparse.errors import UserError
+from gravity_sparse.run.artifacts import stage_dirname, stage_folder
+from gravity_sparse.run.config import config_to_dict
+
+SWEEP_DIR = "sweep"  # RUN/sweep/: an experiment, not a numbered pipeline stage
+
+
+def sweep_config(cfg) -> dict[str, Any]:
+    """The part of the pipeline config the sweep depends on (hashed into its meta.json)."""
+    full = config_to_dict(cfg)
+    keys = ("model", "seed", "solve", "apply", "heal", "sweep")
+    return {k: full[k] for k in keys}
+
+
+def sweep_inputs(cfg) -> dict[str, Any]:
+    from gravity_sparse.model.io import resolve_model_path
+    from gravity_sparse.stages.common import text_digest
+
+    return {
+        "model": resolve_model_path(cfg.model.path),
+        "field": cfg.run_path() / stage_dirname("measure"),
+        "eval": text_digest(cfg.apply.eval_text),
+        "heal": text_digest(cfg.heal.text),
+    }
+
+
+def _patterns(cfg, tensors, meta, density: float, head_drop: float, eps: float):
+    """{method: Masks} at one budget, all from one solve."""
+    from gravity_sparse.model.masks import Masks
+    from gravity_sparse.stages.s2_solve.solve import solve_field
+
+    baselines = [m for m in cfg.sweep.methods if m != "qubo"]
+    solve_cfg = dataclasses.replace(
+        cfg.solve,
+        density=density,
+        head_drop=head_drop,  # an exact fraction: 0.0 keeps every head
+        baselines=baselines,
+        exact_layers=0,
+    )
+    result = solve_field(tensors, meta, solve_cfg, eps=eps)
+    block, length = int(meta["block_size"]), int(meta["seq_len"])
+    out = {"qubo": Masks(result.head_keep, result.block_mask, block, length, "qubo")}
+    for name, (hk, bm) in result.baselines.items():
+        out[name] = Masks(hk, bm, block, length, name)
+    return {m: out[m] for m in cfg.sweep.methods}
+
+
+def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
+    """Run the sweep of `cfg.sweep` on the run's measured field; returns (folder, summary)."""
+    from gravity_sparse.experiments.sweep.plots import plot_pareto
+    from gravity_sparse.model.data import encode_text, resolve_text
+    from gravity_sparse.model.io import load_model, require_tokenizer
+    from gravity_sparse.model.masks import attach_masks
+    from gravity_sparse.run.artifacts import require_stage
+    from gravity_sparse.stages.s2_solve.config import resolve_eps
+    from gravity_sparse.stages.s2_solve.field_io import read_field
+    from gravity_sparse.stages.s3_apply.apply import sparse_loss
+    from gravity_sparse.stages.s4_heal.heal import heal_model
+
+    t0 = time.time()
+    run = cfg.run_path()
+    tensors, meta = read_field(require_stage(run, "measure") / "field.safetensors")
+    sw = cfg.sweep
+    apply_cfg = dataclasses.replace(cfg.apply, max_tokens=sw.eval_max_tokens)
+    heal_cfg = dataclasses.replace(
+        cfg.heal, token_budget=sw.heal_token_budget, eval_max_tokens=sw.eval_max_tokens
+    )
+    dtype, device = cfg.model.torch_dtype(), cfg.model.torch_device()
+    base, tok = load_model(cfg.model.path, dtype=dtype, device=device)
+    tok = require_tokenizer(tok, cfg.model.path)
+    eps = resolve_eps(cfg.solve, float(base.config.gravity_eps))
+    ids = encode_text(tok, resolve_text(apply_cfg.eval_text))
+    dense_loss, scored = sparse_loss(base, None, ids, apply_cfg)
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for head_drop in sw.head_drops:
+        for density in sw.densities:
+            try:
+                patterns = _patterns(cfg, tensors, meta, density, head_drop, eps)
+            except UserError as e:  # e.g. a density the heads left by head_drop cannot reach
+                skipped.append({"density": density, "head_drop": head_drop, "reason": str(e)})
+                print(f"sweep density {density} head_drop {head_drop}: skipped ({e})", flush=True)
+                continue
+            for method, masks in patterns.items():
+                row = {
+                    "density_target": density,
+                    "head_drop": head_drop,
+                    "method": method,
+                    "density": round(masks.density(), 6),
+                    "heads_kept": masks.heads_kept(),
+                    "heads_total": int(masks.head_keep.numel()),
+                    "loss_dense": dense_loss,
+                    "loss_unhealed": sparse_loss(base, masks, ids, apply_cfg)[0],
+                }
+                if sw.heal:
+                    torch.manual_seed(cfg.seed)
+                    model, _ = load_model(cfg.model.path, dtype=dtype, device=device)
+                    attach_masks(model, masks, kernel=heal_cfg.kernel)
+                    with tempfile.TemporaryDirectory() as scratch:
+                        peft_model, record = heal_model(
+                            model, tok, heal_cfg, Path(scratch), seed=cfg.seed
+                        )
+                    healed = peft_model.merge_and_unload().eval()
+                    row["loss_healed"] = sparse_loss(healed, masks, ids, apply_cfg)[0]
+                    row["heal_steps"] = record["steps_run"]
+                rows.append(row)
+                print(_row_line(row), flush=True)
+    summary = {
+        "model": str(cfg.model.path or "checkpoints/gravity-tiny"),
+        "eval_text": apply_cfg.eval_text,
+        "eval_tokens": scored,  # tokens actually scored (≤ sweep.eval_max_tokens)
+        "heal_token_budget": sw.heal_token_budget if sw.heal else None,
+        "loss_dense": dense_loss,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "rows": rows,
+        "skipped": skipped,
+    }
+    with stage_folder(
+        run, "sweep", config=sweep_config(cfg), inputs=sweep_inputs(cfg), started=t0,
+        dirname=SWEEP_DIR,
+    ) as sf:  # fmt: skip
+        (sf.path / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (sf.path / "sweep.md").write_text(sweep_markdown(summary))
+        plot_pareto(summary, sf.path / "pareto.png")
+        sf.summary.update(rows=len(rows), skipped=len(skipped), wall_s=summary["wall_s"])
+    return sf.final, summary
+
+
+def _row_line(r: dict[str, Any]) -> str:
+    healed = f" healed {r['loss_healed']:.4f}" if "loss_healed" in r else ""
+    return (
+        f"sweep density {r['density']:.3f} heads {r['heads_kept']}/{r['heads_total']} "
+        f"{r['method']:8s} unhealed {r['loss_unhealed']:.4f}{healed} (dense {r['loss_dense']:.4f})"
+    )
+
+
+def sweep_markdown(summary: dict[str, Any]) -> str:
+    dense = summary["loss_dense"]
+    lines = [
+        f"Held-out loss (nats/token) on `{summary['eval_text']}` ({summary['eval_tokens']} tokens); "
+        f"dense **{dense:.4f}** (perplexity {math.exp(dense):.3f}). Healing: "
+        + (
+            f"{summary['heal_token_budget']} tokens of LoRA per pattern."
+            if summary["heal_token_budget"]
+            else "off."
+        ),
+        "",
+        "| density | heads kept | method | unhealed | healed | healed vs dense |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        healed = r.get("loss_healed")
+        lines.append(
+            f"| {r['density']:.3f} | {r['heads_kept']}/{r['heads_total']} | {r['method']} | "
+            f"{r['loss_unhealed']:.4f} | {'–' if healed is None else f'{healed:.4f}'} | "
+            f"{'–' if healed is None else f'{100 * (healed - dense) / dense:+.2f}%'} |"
+        )
+    return "\n".join(lines) + "\n"

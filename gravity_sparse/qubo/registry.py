@@ -1,0 +1,23 @@
+"""Names and limits that configs check against, without importing the QUBO numerics (dimod, scipy).
+
+One registry of mask methods: the QUBO's and the baselines'. A masks file stores its method in its
+metadata (`method`); `method_label` turns that into the name that configs, tables and plots use.
+"""
+
+from __future__ import annotations
+
+QUBO = "qubo"  # the label of the QUBO's masks in configs (`masks: qubo`) and tables
+QUBO_METHOD = "qubo-sa"  # the method stored in masks.safetensors (simulated annealing)
+BASELINES = ("greedy", "window", "random", "uniform")  # at the same budget as the QUBO
+METHODS = (QUBO, *BASELINES)
+BRUTE_FORCE_MAX = 20  # exact checks enumerate at most 2^20 states per subproblem
+
+
+def method_label(stored: str) -> str:
+    """The label of a masks file's stored method: 'qubo-sa' (any 'qubo…') -> 'qubo', a baseline -> itself."""
+    return QUBO if stored.startswith(QUBO) else stored
+
+
+def masks_file_name(label: str) -> str:
+    """Where solve writes the masks of a method: masks.safetensors (QUBO), masks_<baseline>.safetensors."""
+    return "masks.safetensors" if label == QUBO else f"masks_{label}.safetensors"

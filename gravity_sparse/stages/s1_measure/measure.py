@@ -1,0 +1,391 @@
+"""measure: run calibration text through a gravity model and record the locality field of every head.
+
+Writes `field.safetensors` (format in DESIGN §3 / the shared brief; tensors [L, H, ...]) and PNG plots
+into a given folder, and returns a JSON-able summary. The numbers come from `gravity_sparse.stages.s1_measure.field`; this
+module only drives the model:
+
+1. field pass (no grad): every layer's attention is replaced by a chunked call of the reference
+   (`attn.gravity_kernel`), which also reduces each chunk of probabilities into that layer's
+   `LayerFieldAccumulator` — one chunk of one layer's attention exists at a time.
+2. first-order importance (optional): one backward per batch, attention under activation checkpointing so
+   that no layer keeps its probabilities for the backward; |Σ_tokens ∂loss/∂out_h · out_h| per sequence.
+3. exact importance (optional): for a few sequences, the inputs of every decoder layer are captured once;
+   then for layer l the layers l.. are rerun on copies of that input, copy 0 clean and copy c with one
+   head's output zeroed, so one forward ablates a whole group of heads and the prefix is never recomputed.
+
+Exact ablation is what the QUBO uses as `importance`: dropping a head zeroes its output, which is exactly
+what was measured, while the first-order estimate linearises a change that is not small and misses
+interactions through the later layers. The gradient estimate is the fallback when ablation is too
+expensive (`importance="grad"`), and the metadata says which one `importance` holds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from gravity_sparse.errors import UserError
+from gravity_sparse.model.modeling_gravity import gravity_scores
+from gravity_sparse.stages.s1_measure.config import MeasureConfig
+from gravity_sparse.stages.s1_measure.field import (
+    LayerFieldAccumulator,
+    fit_power_law,
+    head_locality,
+)
+
+
+def calibration_sequences(
+    token_ids: torch.Tensor | Sequence[int], seq_len: int, max_sequences: int, max_positions: int
+) -> torch.Tensor:
+    """Cut token ids into non-overlapping sequences: (N, seq_len) long; bad input is a UserError."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    if ids.numel() == 0:
+        raise UserError("calibration text is empty")
+    if seq_len > max_positions:
+        raise UserError(
+            f"measure.seq_len {seq_len} is above the model's max_position_embeddings {max_positions}"
+        )
+    count = ids.numel() // seq_len
+    if count == 0:
+        raise UserError(
+            f"calibration text has {ids.numel()} tokens, fewer than one sequence of {seq_len}"
+        )
+    if max_sequences:
+        count = min(count, max_sequences)
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+def chunked_attention(
+    module: torch.nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    chunk_elements: int,
+    on_chunk: Callable[..., None] | None = None,
+) -> torch.Tensor:
+    """The model's attention (the reference) over chunks of queries: (B, Hq, S, D).
+
+    A chunk of C queries needs only the first q_start + C keys (causal), so each chunk's probabilities
+    are (B, Hq, C, ≤Sk) with B·Hq·C·Sk ≤ chunk_elements. on_chunk(q, k, probs, q_start, out) sees each.
+    """
+    bsz, heads, s, _ = q.shape
+    offset = k.shape[2] - s  # cached keys before the first query (0 in a calibration prefill)
+    rows = max(1, chunk_elements // (bsz * heads * k.shape[2]))
+    outs = []
+    for start in range(0, s, rows):
+        stop = min(s, start + rows)
+        keys = offset + stop
+        mask = None if attention_mask is None else attention_mask[..., start:stop, :keys]
+        out, probs = module.reference_attention(
+            q[:, :, start:stop],
+            k[:, :, :keys],
+            v[:, :, :keys],
+            mask,
+            return_weights=on_chunk is not None,
+        )
+        if on_chunk is not None:
+            on_chunk(q[:, :, start:stop], k[:, :, :keys], probs, offset + start, out)
+        outs.append(out)
+    return torch.cat(outs, dim=2)
+
+
+class _Kernels:
+    """Temporarily replaces `gravity_kernel` on every attention layer, restoring the old one on exit."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers = model.gravity_layers()
+        self.saved = [getattr(a, "gravity_kernel", None) for a in self.layers]
+
+    def set(self, layer: int, kernel: Callable | None) -> None:
+        self.layers[layer].gravity_kernel = kernel
+
+    def __enter__(self) -> _Kernels:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for attn, kernel in zip(self.layers, self.saved, strict=True):
+            if kernel is None:
+                attn.__dict__.pop("gravity_kernel", None)
+            else:
+                attn.gravity_kernel = kernel
+
+
+def _token_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy of each sequence: logits (B, S, V), ids (B, S) -> (B,) fp32."""
+    losses = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2),
+        ids[:, 1:].expand(logits.shape[0], -1),
+        reduction="none",
+    )
+    return losses.mean(-1)
+
+
+def _field_pass(model, sequences, cfg, kernels, accs) -> float:
+    """Stream the calibration batches, filling the accumulators; returns the mean loss (nats/token)."""
+    device = model.device
+    loss_sum = 0.0
+    for layer, attn in enumerate(kernels.layers):
+
+        def kernel(module, q, k, v, mask, acc=accs[layer], attn=attn):
+            def reduce(qc, kc, probs, q_start, out):
+                scores = gravity_scores(
+                    qc,
+                    kc,
+                    module.gravity_mass_log,
+                    module.config.gravity_eps,
+                    module.gravity_kv_groups,
+                )
+                acc.add(probs, scores, q_start, out, attn.o_proj.weight)
+
+            return chunked_attention(module, q, k, v, mask, cfg.chunk_elements, reduce)
+
+        kernels.set(layer, kernel)
+    batches = sequences.split(cfg.batch_size)
+    for batch in tqdm(batches, desc="measure: field", disable=not cfg.progress):
+        ids = batch.to(device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+        loss_sum += float(_token_losses(logits, ids).sum())
+    return loss_sum / sequences.shape[0]
+
+
+def _grad_importance(model, sequences, cfg, kernels) -> torch.Tensor:
+    """First-order importance [L, H]: mean over sequences of |Σ_tokens ∂loss/∂out_h · out_h|."""
+    num_layers, heads = len(kernels.layers), kernels.layers[0].num_heads
+    total = torch.zeros(num_layers, heads, dtype=torch.float64)
+    outs: list[torch.Tensor] = []
+
+    def kernel(module, q, k, v, mask):
+        def attend(q, k, v):
+            return chunked_attention(module, q, k, v, mask, cfg.chunk_elements)
+
+        if q.requires_grad:  # recompute in the backward: no layer keeps its probabilities
+            out = checkpoint(attend, q, k, v, use_reentrant=False)
+        else:  # nothing upstream needs a gradient (frozen embeddings): this is a leaf
+            out = attend(q, k, v).detach().requires_grad_()
+        outs.append(out)
+        return out
+
+    for layer in range(num_layers):
+        kernels.set(layer, kernel)
+    for batch in tqdm(
+        sequences.split(cfg.batch_size), desc="measure: grad", disable=not cfg.progress
+    ):
+        ids = batch.to(model.device)
+        outs.clear()
+        with torch.enable_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+            # per-sequence mean losses are independent, so one backward of their sum gives each one's
+            grads = torch.autograd.grad(_token_losses(logits, ids).sum(), outs)
+        for layer, (out, grad) in enumerate(zip(outs, grads, strict=True)):
+            per_seq = (grad.float() * out.detach().float()).sum(dim=(2, 3))  # (B, H)
+            total[layer] += per_seq.abs().double().sum(0).cpu()
+    return (total / sequences.shape[0]).float()
+
+
+def _capture_layer_inputs(model, ids, kernels, cfg) -> list[tuple[torch.Tensor, dict]]:
+    """Hidden states and keyword arguments every decoder layer receives for one batch `ids`."""
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest = {key: val for key, val in kwargs.items() if key != "hidden_states"}
+        captured.append((hidden, rest))
+
+    def kernel(module, q, k, v, mask):
+        return chunked_attention(module, q, k, v, mask, cfg.chunk_elements)
+
+    for layer in range(len(kernels.layers)):
+        kernels.set(layer, kernel)
+    hooks = [
+        layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in model.model.layers
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def _ablation_importance(model, sequences, cfg, kernels) -> torch.Tensor:
+    """Exact importance [L, H]: loss increase (nats/token) when one head's output is zeroed."""
+    layers = list(model.model.layers)
+    num_layers, heads = len(layers), kernels.layers[0].num_heads
+    group = cfg.ablation_group or heads
+    used = sequences[: cfg.ablation_sequences]
+    total = torch.zeros(num_layers, heads, dtype=torch.float64)
+    steps = len(used) * num_layers * (-(-heads // group))
+    bar = tqdm(total=steps, desc="measure: ablation", disable=not cfg.progress)
+    for seq in used:
+        ids = seq.view(1, -1).to(model.device)
+        inputs = _capture_layer_inputs(model, ids, kernels, cfg)
+        for layer in range(num_layers):
+            for first in range(0, heads, group):
+                ablated = list(range(first, min(heads, first + group)))
+                # copy 0 keeps every head: the baseline shares the batch and hence the arithmetic
+                keep = torch.ones(len(ablated) + 1, heads, device=model.device)
+                for copy, head in enumerate(ablated, start=1):
+                    keep[copy, head] = 0.0
+
+                def kernel(module, q, k, v, mask, keep=keep):
+                    out = chunked_attention(module, q, k, v, mask, cfg.chunk_elements)
+                    return out * keep.to(out.dtype).view(*keep.shape, 1, 1)
+
+                kernels.set(layer, kernel)
+                hidden, _ = inputs[layer]
+                hidden = hidden.expand(keep.shape[0], -1, -1)
+                with torch.no_grad():
+                    for j in range(layer, num_layers):
+                        hidden = layers[j](hidden, **inputs[j][1])
+                    logits = model.lm_head(model.model.norm(hidden))
+                    losses = _token_losses(logits, ids).double().cpu()
+                total[layer, ablated] += losses[1:] - losses[0]
+                bar.update()
+        del inputs
+    bar.close()
+    return (total / len(used)).float()
+
+
+def _fits(profile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Power-law fits of profiles [L, H, S] -> alpha, amp, r2, each [L, H]."""
+    num_layers, heads = profile.shape[:2]
+    out = torch.full((3, num_layers, heads), float("nan"))
+    for layer in range(num_layers):
+        for head in range(heads):
+            fit = fit_power_law(profile[layer, head].numpy())
+            out[:, layer, head] = torch.tensor([fit.alpha, fit.amp, fit.r2])
+    return out[0], out[1], out[2]
+
+
+def run_measure(
+    model: torch.nn.Module,
+    token_ids: torch.Tensor | Sequence[int],
+    cfg: MeasureConfig,
+    out_dir: Path,
+) -> dict:
+    """Measure the field of `model` on `token_ids` (1-D) and write field.safetensors + plots to out_dir."""
+    config = model.config
+    attns = model.gravity_layers()
+    head_counts = {(a.num_heads, a.num_key_value_heads) for a in attns}
+    if len(head_counts) != 1:
+        raise UserError(
+            "measure needs the same number of heads in every layer (not a pruned model)"
+        )
+    sequences = calibration_sequences(
+        token_ids, cfg.seq_len, cfg.num_sequences, int(config.max_position_embeddings)
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_layers, (heads, kv_heads) = len(attns), head_counts.pop()
+    device = model.device
+    was_training = model.training
+    model.eval()
+    timings = {}
+    try:
+        with _Kernels(model) as kernels:
+            accs = [
+                LayerFieldAccumulator(heads, cfg.seq_len, cfg.block_size, device) for _ in attns
+            ]
+            start = time.perf_counter()
+            loss = _field_pass(model, sequences, cfg, kernels, accs)
+            timings["field_s"] = time.perf_counter() - start
+            grad_imp = torch.full((num_layers, heads), float("nan"))
+            if cfg.importance in ("grad", "both"):
+                start = time.perf_counter()
+                grad_imp = _grad_importance(model, sequences, cfg, kernels)
+                timings["grad_s"] = time.perf_counter() - start
+            if cfg.importance in ("ablation", "both"):
+                start = time.perf_counter()
+                importance = _ablation_importance(model, sequences, cfg, kernels)
+                timings["ablation_s"] = time.perf_counter() - start
+            else:
+                importance = grad_imp.clone()
+    finally:
+        model.train(was_training)
+
+    results = [acc.result() for acc in accs]
+    tensors = {key: torch.stack([r[key] for r in results]).cpu() for key in results[0]}
+    mass_log = torch.stack([a.gravity_mass_log.detach().float().cpu() for a in attns])
+    alpha, alpha_amp, alpha_r2 = _fits(tensors["profile"])
+    tensors.update(
+        importance=importance,
+        importance_grad=grad_imp,
+        mass=F.softplus(mass_log),
+        mass_log=mass_log,
+        alpha=alpha,
+        alpha_amp=alpha_amp,
+        alpha_r2=alpha_r2,
+        kv_groups=torch.stack([a.gravity_kv_groups.cpu() for a in attns]).long(),
+    )
+    importance_method = "grad" if cfg.importance == "grad" else "ablation"
+    num_tokens = sequences.numel()
+    metadata = {
+        "block_size": str(cfg.block_size),
+        "seq_len": str(cfg.seq_len),
+        "num_layers": str(num_layers),
+        "num_heads": str(heads),
+        "num_kv_heads": str(kv_heads),
+        "num_tokens": str(num_tokens),
+        "importance_method": importance_method,
+    }
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(out_dir / "field.safetensors"),
+        metadata,
+    )
+    plots = []
+    if cfg.plots:
+        from gravity_sparse.stages.s1_measure.plots import plot_field
+
+        plots = plot_field(tensors, out_dir)
+    return _summary(tensors, cfg, loss, num_tokens, timings, importance_method, plots)
+
+
+def _summary(tensors, cfg, loss, num_tokens, timings, importance_method, plots) -> dict:
+    """JSON-able summary: run numbers and one row per head."""
+    locality = head_locality(tensors["block_field"])
+    num_layers, heads = tensors["mass"].shape
+
+    def num(x: torch.Tensor) -> float | None:
+        value = float(x)
+        return None if value != value else round(value, 6)  # NaN is not JSON
+
+    rows = [
+        {
+            "layer": layer,
+            "head": head,
+            "kv_head": int(tensors["kv_groups"][layer, head]),
+            **{
+                key: num(tensors[key][layer, head])
+                for key in ("mass", "alpha", "alpha_r2", "entropy", "importance", "importance_grad")
+            },
+            "locality": num(locality[layer, head]),
+        }
+        for layer in range(num_layers)
+        for head in range(heads)
+    ]
+    order = sorted(rows, key=lambda r: r["locality"] or 0.0)
+    return {
+        "config": asdict(cfg),
+        "num_sequences": num_tokens // cfg.seq_len,
+        "num_tokens": num_tokens,
+        "loss": round(loss, 6),
+        "importance_method": importance_method,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "tokens_per_s": round(num_tokens / timings["field_s"], 1),
+        "most_local": {"layer": order[-1]["layer"], "head": order[-1]["head"]},
+        "least_local": {"layer": order[0]["layer"], "head": order[0]["head"]},
+        "heads": rows,
+        "plots": plots,
+    }

@@ -1,0 +1,1 @@
+"""solve: QUBO keep/drop decisions at a budget (config, field file, solve_field, plots, stage)."""

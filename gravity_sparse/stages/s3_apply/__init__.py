@@ -1,0 +1,1 @@
+"""apply: held-out loss of every solved pattern, unhealed (config, evaluation, stage)."""

@@ -1,0 +1,1 @@
+"""heal: LoRA healing of the sparse model (config, trainer, plots, stage)."""

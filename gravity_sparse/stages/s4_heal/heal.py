@@ -1,0 +1,247 @@
+"""heal: a brief LoRA fine-tune of the sparse model, sparse attention active in forward and backward.
+
+peft LoRA on every linear projection (explicit `target_modules`), the gravity masses trained too (they are
+plain parameters, saved beside the adapter as `gravity_mass_log.safetensors` because peft saves only adapter
+weights). Driven by transformers `Trainer`, so `accelerate launch` / `torchrun` run it on several GPUs
+unchanged. Brief by design: a token budget sets the number of steps; the heal split is divided into a train
+part and a validation part used for early stopping (the best validation state is kept); the held-out text is
+only evaluated, before and after. LoRA is merged into the weights at the end.
+
+Defaults (rank 64, half next-token loss and half distillation from the dense model) are what healed the
+tiny model best at a fixed token budget (benchmarks/results/*-tiny-heal-cpu.md): distillation alone and
+rank 16 both healed less. On CPU the sparse attention runs in the chunked kernel with a hand-written
+backward, on CUDA in the Triton kernels (`heal.kernel`, resolved by `kernels.resolve_backend`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch.nn import functional as F
+from tqdm import tqdm
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from gravity_sparse.errors import UserError
+from gravity_sparse.model.data import BlockDataset, encode_text, eval_loss, resolve_text
+from gravity_sparse.stages.s4_heal.config import HealConfig
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class KeepBest(TrainerCallback):
+    """Early stopping on the validation loss that keeps the best trainable state (LoRA + masses)."""
+
+    def __init__(self, model: torch.nn.Module, patience: int):
+        self.model, self.patience = model, patience
+        self.best = math.inf
+        self.best_step = 0
+        self.bad = 0
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return control
+        if loss < self.best - 1e-5:
+            self.best, self.best_step, self.bad = loss, state.global_step, 0
+            self.state = {
+                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+            }
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                control.should_training_stop = True
+        return control
+
+    def restore(self) -> None:
+        if self.state is None:
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in self.state.items():
+                params[n].copy_(t)
+
+
+@contextmanager
+def dense_teacher(model: torch.nn.Module, masses: list[torch.Tensor]):
+    """The original dense model, borrowed from the sparse one being healed: adapters off, block/head
+    masks detached, the masses set back to their values before healing; all restored after. An attached
+    kernel stays (the CPU and Triton kernels run dense attention when the layer has no masks)."""
+    layers = model.get_base_model().gravity_layers()
+    saved = [(a.gravity_head_keep, a.gravity_block_mask, a.gravity_mass_log.data) for a in layers]
+    try:
+        with model.disable_adapter():
+            for a, m in zip(layers, masses, strict=True):
+                a.set_sparsity(None, None)
+                a.gravity_mass_log.data = m
+            yield model
+    finally:
+        for a, (hk, bm, mass) in zip(layers, saved, strict=True):
+            a.set_sparsity(hk, bm)
+            a.gravity_mass_log.data = mass
+
+
+class HealTrainer(Trainer):
+    """Trainer whose training loss mixes next-token loss with self-distillation from the dense model.
+
+    loss = (1 − d) · CE(student) + d · KL(teacher ‖ student), per token, teacher = the dense model before
+    healing. Evaluation keeps the plain next-token loss, so early stopping watches what is reported.
+    """
+
+    def __init__(self, *args, distill: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distill = distill
+        self.masses = [
+            a.gravity_mass_log.detach().clone()
+            for a in self.model.get_base_model().gravity_layers()
+        ]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs.loss
+        if self.distill > 0.0 and model.training:
+            with torch.no_grad(), dense_teacher(model, self.masses):
+                teacher = model(input_ids=inputs["input_ids"]).logits.float()
+            log_s = F.log_softmax(outputs.logits.float(), -1)
+            log_t = F.log_softmax(teacher, -1)
+            kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean()  # nats per token
+            loss = (1.0 - self.distill) * loss + self.distill * kl
+        return (loss, outputs) if return_outputs else loss
+
+
+class ProgressBar(TrainerCallback):
+    """A tqdm bar on stderr with the latest train and validation loss."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc="heal", file=sys.stderr, dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if getattr(self, "bar", None) is None:  # the evaluation before training logs too
+            return
+        shown = {k: round(v, 4) for k, v in (logs or {}).items() if k in ("loss", "eval_loss")}
+        if shown:
+            self.bar.set_postfix(shown)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+
+
+def split_heal_text(
+    ids: torch.Tensor, val_fraction: float, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and validation token streams: the last `val_fraction` of the heal text validates."""
+    cut = int(ids.numel() * (1.0 - val_fraction))
+    train, val = ids[:cut], ids[cut:]
+    if train.numel() < seq_len + 1 or val.numel() < seq_len + 1:
+        raise UserError(
+            f"heal text of {ids.numel()} tokens is too short for seq_len {seq_len} "
+            f"with a {val_fraction:.0%} validation part"
+        )
+    return train, val
+
+
+def heal_model(
+    model: torch.nn.Module, tokenizer: Any, cfg: HealConfig, scratch: Path, seed: int = 0
+) -> tuple[Any, dict[str, Any]]:
+    """LoRA-heal `model` (masks already attached) on `cfg.text` through the model's `tokenizer`.
+
+    Returns (peft model, unmerged; a record of training).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    ids = encode_text(tokenizer, resolve_text(cfg.text))
+    train_ids, val_ids = split_heal_text(ids, cfg.val_fraction, cfg.seq_len)
+    train_set, val_set = BlockDataset(train_ids, cfg.seq_len), BlockDataset(val_ids, cfg.seq_len)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=LORA_TARGETS,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    if cfg.train_masses:
+        for attn in model.gravity_layers():
+            attn.gravity_mass_log.requires_grad_(True)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    args = TrainingArguments(
+        output_dir=str(scratch),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, int(cfg.warmup_fraction * cfg.max_steps)),
+        weight_decay=0.0,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_every,
+        logging_steps=max(1, min(cfg.eval_every, 5)),
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,  # its bars and log dicts go to stdout; ours goes to stderr
+    )
+    keep = KeepBest(peft_model, cfg.patience)
+    trainer = HealTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        callbacks=[keep, ProgressBar()],
+        distill=cfg.distill,
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+    # the unhealed state is the first candidate: healing that never beats it on validation changes nothing
+    keep.on_evaluate(args, trainer.state, trainer.control, metrics=trainer.evaluate())
+    trainer.train()
+    final_val = trainer.evaluate()["eval_loss"]
+    if final_val > keep.best:
+        keep.restore()
+    record = {
+        "steps_run": trainer.state.global_step,
+        "max_steps": cfg.max_steps,
+        "tokens_seen": trainer.state.global_step * cfg.batch_size * cfg.seq_len,
+        "trainable_parameters": trainable,
+        "best_val_loss": min(keep.best, final_val),
+        "best_step": keep.best_step if keep.best <= final_val else trainer.state.global_step,
+        "stopped_early": trainer.state.global_step < cfg.max_steps,
+        "log_history": trainer.state.log_history,
+    }
+    return peft_model, record
+
+
+def save_adapter(peft_model: Any, out: Path) -> None:
+    """The LoRA adapter (peft format) and the trained masses beside it."""
+    peft_model.save_pretrained(out)
+    base = peft_model.get_base_model()
+    masses = {
+        f"model.layers.{i}.self_attn.gravity_mass_log": a.gravity_mass_log.detach()
+        .cpu()
+        .contiguous()
+        for i, a in enumerate(base.gravity_layers())
+    }
+    save_file(masses, out / "gravity_mass_log.safetensors")
+
+
+def held_out_loss(model: torch.nn.Module, tokenizer: Any, cfg: HealConfig) -> float:
+    """Loss (nats per token of the model's tokenizer) on `cfg.eval_text`."""
+    ids = encode_text(tokenizer, resolve_text(cfg.eval_text))
+    return eval_loss(model, ids, cfg.seq_len, cfg.eval_batch_size, cfg.eval_max_tokens)[0]
+
+
+def write_record(record: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(record, indent=2, default=float) + "\n")

@@ -1,0 +1,72 @@
+"""The heal stage: LoRA-heal the sparse model, sparse attention active → `04_heal/` (adapter, merged)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gravity_sparse.errors import UserError
+from gravity_sparse.model.io import resolve_model_path
+from gravity_sparse.run.artifacts import stage_dirname
+from gravity_sparse.run.pipeline import PipelineConfig
+from gravity_sparse.stages import common
+
+
+def inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    return {
+        "model": resolve_model_path(cfg.model.path),
+        "solve": cfg.run_path() / stage_dirname("solve"),
+        "heal": common.text_digest(cfg.heal.text),
+        "eval": common.text_digest(cfg.heal.eval_text),
+    }
+
+
+def run(cfg: PipelineConfig) -> Path:
+    from gravity_sparse.model.io import save_model
+    from gravity_sparse.model.masks import attach_masks, read_masks
+    from gravity_sparse.stages.s4_heal.heal import (
+        heal_model,
+        held_out_loss,
+        save_adapter,
+        write_record,
+    )
+    from gravity_sparse.stages.s4_heal.plots import plot_loss_curve
+
+    t0 = time.time()
+    masks = read_masks(common.pattern_file(cfg))
+    if cfg.heal.seq_len > masks.max_length:
+        raise UserError(
+            f"heal.seq_len {cfg.heal.seq_len} exceeds the masks' max_length {masks.max_length}"
+        )
+    torch.manual_seed(cfg.seed)
+    model, tok = common.load(cfg)
+    dense = held_out_loss(model, tok, cfg.heal)
+    attach_masks(model, masks, kernel=cfg.heal.kernel)
+    before = held_out_loss(model, tok, cfg.heal)
+    with (
+        common.folder(cfg, "heal", inputs(cfg), t0) as sf,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
+        peft_model, record = heal_model(model, tok, cfg.heal, Path(scratch), seed=cfg.seed)
+        save_adapter(peft_model, sf.path / "adapter")
+        merged = peft_model.merge_and_unload()
+        merged.eval()
+        after = held_out_loss(merged, tok, cfg.heal)
+        save_model(merged, tok, sf.path / "merged")
+        record.update(
+            masks=cfg.masks,
+            density=masks.density(),
+            heads_kept=masks.heads_kept(),
+            heldout_dense=dense,
+            heldout_before=before,
+            heldout_after=after,
+            gap_to_dense_pct=100.0 * (after - dense) / dense,
+        )
+        write_record(record, sf.path / "heal.json")
+        plot_loss_curve(record["log_history"], sf.path / "loss_curve.png")
+        sf.summary.update({k: v for k, v in record.items() if k != "log_history"})
+    return sf.final

@@ -1,0 +1,1 @@
+"""report: report.md with the tables and plots of every finished stage (report, stage)."""
