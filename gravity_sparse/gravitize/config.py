@@ -1,0 +1,41 @@
+"""Configuration of `gravity-sparse gravitize` (light: no torch, transformers or peft import)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+
+@dataclass
+class GravitizeConfig:
+    source: str = field(default="", metadata={"help": "HF model directory or a .gguf file"})
+    out: str = field(default="", metadata={"help": "output model directory (our format)"})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "tokenizer directory (default: the source's own)"}
+    )
+    calibration_text: str = field(default="calibration", metadata={"help": "corpus split or file"})
+    eval_text: str = field(
+        default="heldout", metadata={"help": "held-out split or file (loss only)"}
+    )
+    seq_len: int = 512
+    num_sequences: int = 8
+    heldback_sequences: int = 2
+    steps: int = 300
+    lr: float = 5e-3
+    batch_size: int = 4
+    target_d2: float = field(default=4.0, metadata={"help": "median ‖q−k‖² after the q/k rescale"})
+    mass_init: float = field(
+        default=0.5, metadata={"help": "initial gravity_mass_log (the card's)"}
+    )
+    eps: float = 0.1
+    eval_max_tokens: int = 16384
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or self.num_sequences < 1 or self.heldback_sequences < 1:
+            raise UserError(
+                "gravitize needs seq_len ≥ 2, num_sequences ≥ 1, heldback_sequences ≥ 1"
+            )
+        if self.steps < 0 or self.lr <= 0 or self.target_d2 <= 0 or self.eps <= 0:
+            raise UserError("gravitize needs steps ≥ 0 and positive lr, target_d2 and eps")

@@ -1,0 +1,217 @@
+"""gravitize: a pretrained Llama/Qwen2 checkpoint (Hugging Face directory or GGUF file) in, a gravity model
+in our format out — the Gravity-2 recipe (see `shared/seeds/gravity-2-model-card.txt`).
+
+1. convert: every weight is copied, each head gets a mass (`mass_init`, raw) and ε; q/k are rescaled per
+   layer so that the median causal ‖q − k‖² starts at `target_d2` (`convert.py`).
+2. transfer: each layer's q/k projections and masses are fitted to reproduce the original layer's attention
+   output on calibration text, from the original model's hidden states (`transfer.py`).
+
+Resumable: each fitted layer is saved under `OUT.partial/layers/` as soon as it is done, and a rerun picks
+up after the last finished layer. The output directory appears only when everything is written (a
+temporary folder renamed at the end), with `meta.json` (config, versions, wall time) and `gravitize.json`
+(per-layer errors, masses, held-out losses of the original and the gravity model on the same tokens).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from .config import GravitizeConfig
+from .transfer import LayerBatch, fit_layer, gravity_output, qk_scale_for, relative_mse
+
+
+def load_source(path: str | Path, tokenizer_dir: str | Path | None = None):
+    """(model, tokenizer) of a Hugging Face directory or a GGUF file, offline; errors are one line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"source model {p} does not exist (models are never downloaded)")
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise UserError(f"{p} is a file but not a .gguf model")
+        if importlib.util.find_spec("gguf") is None:
+            raise UserError("reading a GGUF file needs the gguf package: pip install gguf")
+        kwargs["gguf_file"] = p.name
+        p = p.parent
+    elif not (p / "config.json").is_file():
+        raise UserError(f"{p} has no config.json: not a Hugging Face model directory")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, **kwargs).eval()
+    except Exception as e:  # noqa: BLE001 - any loader failure is the user's input
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot load the source model {path}: {first}") from e
+    tok_path = Path(tokenizer_dir) if tokenizer_dir else p
+    try:
+        tok_kwargs = {} if tokenizer_dir else {k: v for k, v in kwargs.items() if k == "gguf_file"}
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True, **tok_kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(
+            f"no usable tokenizer for {path} (looked in {tok_path}: tokenizer.json, "
+            f"tokenizer_config.json or the GGUF's own): {str(e).splitlines()[0] if str(e) else e}"
+        ) from e
+    return model, tokenizer
+
+
+@torch.no_grad()
+def capture(source: torch.nn.Module, ids: torch.Tensor, batch_size: int = 2) -> list[LayerBatch]:
+    """Per layer of the ORIGINAL model: normalised attention inputs, RoPE cos/sin, output before o_proj."""
+    layers = source.model.layers
+    store: list[dict[str, list[torch.Tensor]]] = [
+        {"hidden": [], "cos": [], "sin": [], "target": []} for _ in layers
+    ]
+    hooks = []
+    for i, layer in enumerate(layers):
+
+        def pre(module, args, kwargs, i=i):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            cos, sin = kwargs["position_embeddings"]
+            store[i]["hidden"].append(hidden.detach().float().cpu())
+            store[i]["cos"].append(cos.detach().float().cpu().expand(hidden.shape[0], -1, -1))
+            store[i]["sin"].append(sin.detach().float().cpu().expand(hidden.shape[0], -1, -1))
+
+        def o_pre(module, args, i=i):
+            store[i]["target"].append(args[0].detach().float().cpu())
+
+        hooks.append(layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(o_pre))
+    try:
+        for start in range(0, ids.shape[0], batch_size):
+            source(input_ids=ids[start : start + batch_size], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [
+        LayerBatch(*(torch.cat(s[k]) for k in ("hidden", "cos", "sin", "target"))) for s in store
+    ]
+
+
+def _sequences(tokenizer, source: str, seq_len: int, count: int) -> torch.Tensor:
+    from ..data import encode_text, resolve_text
+
+    ids = encode_text(tokenizer, resolve_text(source))
+    if ids.numel() < count * seq_len:
+        raise UserError(
+            f"calibration text has {ids.numel()} tokens, fewer than {count} sequences of {seq_len}"
+        )
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+def _layer_file(work: Path, i: int) -> Path:
+    return work / "layers" / f"layer_{i:03d}.safetensors"
+
+
+def _fitted_state(attn) -> dict[str, torch.Tensor]:
+    names = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "gravity_mass_log")
+    params = dict(attn.named_parameters())
+    return {n: params[n].detach().cpu().contiguous() for n in names if n in params}
+
+
+def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
+    """Convert and transfer; returns the finished output directory."""
+    from ..data import encode_text, eval_loss, resolve_text
+    from ..io import save_model
+    from .convert import gravity_from_pretrained, scale_qk
+
+    if not cfg.out:
+        raise UserError("gravitize needs an output directory (out=...)")
+    out = Path(cfg.out)
+    if out.exists():
+        raise UserError(f"output directory {out} already exists")
+    work = out.with_name(out.name + ".partial")
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    source, tok = load_source(cfg.source, cfg.tokenizer)
+    model = gravity_from_pretrained(source, eps=cfg.eps, mass_init=cfg.mass_init)
+    total = cfg.num_sequences + cfg.heldback_sequences
+    seqs = _sequences(tok, cfg.calibration_text, cfg.seq_len, total)
+    batches = capture(source, seqs)
+    (work / "layers").mkdir(parents=True, exist_ok=True)
+    saved_cfg = work / "config.json"
+    if saved_cfg.exists() and json.loads(saved_cfg.read_text()) != asdict(cfg) | {"out": str(out)}:
+        raise UserError(f"{work} holds a run with another config: remove it or use the same config")
+    saved_cfg.write_text(json.dumps(asdict(cfg) | {"out": str(out)}, indent=2) + "\n")
+    stats_path = work / "layers.json"
+    stats: dict[str, Any] = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    layers = model.gravity_layers()
+    bar = tqdm(layers, desc="gravitize", file=sys.stderr, disable=not progress)
+    for attn in bar:
+        i = attn.layer_idx
+        train = batches[i].rows(slice(0, cfg.num_sequences))
+        held = batches[i].rows(slice(cfg.num_sequences, total))
+        f = _layer_file(work, i)
+        if f.exists() and str(i) in stats:
+            attn.load_state_dict(load_file(f), strict=False)
+            continue
+        with torch.no_grad():
+            naive = relative_mse(gravity_output(attn, held), held.target)
+        scale = qk_scale_for(attn, train, cfg.target_d2)
+        scale_qk(attn, scale)
+        result = fit_layer(
+            attn,
+            train,
+            held,
+            steps=cfg.steps,
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed + i,
+        )
+        mass = torch.nn.functional.softplus(attn.gravity_mass_log.detach())
+        stats[str(i)] = {
+            "rel_mse_unscaled": naive,
+            "qk_scale": scale,
+            **result,
+            "mass_min": float(mass.min()),
+            "mass_max": float(mass.max()),
+        }
+        save_file(_fitted_state(attn), str(f))
+        stats_path.write_text(json.dumps(stats, indent=2) + "\n")
+        bar.set_postfix(layer=i, err=f"{result['rel_mse_after']:.3f}")
+    eval_ids = encode_text(tok, resolve_text(cfg.eval_text))
+    loss_src, tokens = eval_loss(source, eval_ids, cfg.seq_len, 2, cfg.eval_max_tokens)
+    loss_grav, _ = eval_loss(model, eval_ids, cfg.seq_len, 2, cfg.eval_max_tokens)
+    record = {
+        "source": str(cfg.source),
+        "source_architecture": source.config.model_type,
+        "eval_text": cfg.eval_text,
+        "eval_tokens": tokens,
+        "loss_source": loss_src,
+        "loss_gravity_after_transfer": loss_grav,
+        "gap_pct": 100.0 * (loss_grav - loss_src) / loss_src,
+        "layers": stats,
+    }
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_model(model, tok, tmp)
+    (tmp / "gravitize.json").write_text(json.dumps(record, indent=2) + "\n")
+    meta = {
+        "stage": "gravitize",
+        "status": "complete",
+        "config": asdict(cfg),
+        "wall_s": round(time.time() - t0, 1),
+        "versions": _versions(),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.rename(out)
+    shutil.rmtree(work)
+    return out
+
+
+def _versions() -> dict[str, str]:
+    from ..stage import package_versions
+
+    return package_versions()
