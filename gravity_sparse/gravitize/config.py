@@ -30,6 +30,20 @@ class GravitizeConfig:
     )
     eps: float = 0.1
     eval_max_tokens: int = 16384
+    distill_steps: int = field(
+        default=0,
+        metadata={"help": "end-to-end LoRA distillation steps after the transfer (0: none)"},
+    )
+    distill_text: str = field(
+        default="train", metadata={"help": "corpus split or file to distil on"}
+    )
+    distill_seq_len: int = 256
+    distill_batch_size: int = 4
+    distill_lr: float = 5e-4
+    distill_lora_r: int = 16
+    distill_weight: float = field(
+        default=0.5, metadata={"help": "KL share of the distillation loss"}
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:

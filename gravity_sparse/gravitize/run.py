@@ -190,9 +190,14 @@ def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
         "eval_tokens": tokens,
         "loss_source": loss_src,
         "loss_gravity_after_transfer": loss_grav,
-        "gap_pct": 100.0 * (loss_grav - loss_src) / loss_src,
         "layers": stats,
     }
+    final = loss_grav
+    if cfg.distill_steps > 0:
+        model, record["distill"] = _distill(model, source, tok, cfg, work)
+        final, _ = eval_loss(model, eval_ids, cfg.seq_len, 2, cfg.eval_max_tokens)
+        record["loss_gravity_after_distill"] = final
+    record["gap_pct"] = 100.0 * (final - loss_src) / loss_src
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -209,6 +214,29 @@ def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
     tmp.rename(out)
     shutil.rmtree(work)
     return out
+
+
+def _distill(model, source, tok, cfg: GravitizeConfig, work: Path):
+    from ..data import encode_text, resolve_text
+    from .distill import distill_model
+
+    ids = encode_text(tok, resolve_text(cfg.distill_text))
+    cut = int(ids.numel() * 0.9)
+    merged, record = distill_model(
+        model,
+        source,
+        ids[:cut],
+        ids[cut:],
+        seq_len=cfg.distill_seq_len,
+        steps=cfg.distill_steps,
+        batch_size=cfg.distill_batch_size,
+        lr=cfg.distill_lr,
+        lora_r=cfg.distill_lora_r,
+        distill=cfg.distill_weight,
+        scratch=work / "distill",
+        seed=cfg.seed,
+    )
+    return merged, record
 
 
 def _versions() -> dict[str, str]:

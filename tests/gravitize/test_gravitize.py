@@ -2,6 +2,7 @@
 the output loads through load_model and plain transformers, and cached and uncached generate agree."""
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -55,6 +56,10 @@ def gravitized(tmp_path_factory):
         steps=60,
         lr=1e-2,
         eval_max_tokens=1024,
+        distill_steps=6,
+        distill_seq_len=32,
+        distill_lr=5e-3,
+        distill_weight=1.0,
     )
     return root, run_gravitize(cfg, progress=False)
 
@@ -67,6 +72,11 @@ def test_transfer_lowers_every_layers_error(gravitized):
         assert layer["rel_mse_after"] < 0.95 * layer["rel_mse_before"]
         assert layer["mass_min"] > 0
     assert json.loads((out / "meta.json").read_text())["status"] == "complete"
+    # the end-to-end distillation ran, and its validation (next-token loss) history is recorded
+    assert record["distill"]["steps"] == 6
+    evals = [h["eval_loss"] for h in record["distill"]["log_history"] if "eval_loss" in h]
+    assert len(evals) >= 2 and all(math.isfinite(e) for e in evals)
+    assert math.isfinite(record["loss_gravity_after_distill"])
     assert not out.with_name(out.name + ".partial").exists()
 
 
