@@ -224,6 +224,23 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gravitize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="Llama/Qwen2 Hugging Face directory or .gguf file")
+    p.add_argument("out", help="output model directory (must not exist)")
+    add_config_arguments(p)
+
+
+def cmd_gravitize(args: argparse.Namespace) -> int:
+    from gravity_sparse.gravitize import GravitizeConfig
+    from gravity_sparse.gravitize.run import run_gravitize
+    from gravity_sparse.run.config import load_config
+
+    overrides = [*args.overrides, f"source={args.source}", f"out={args.out}"]
+    out = run_gravitize(load_config(GravitizeConfig, args.config, overrides))
+    emit(args, {"model": str(out)}, f"gravitize {out}")
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     *(Command(s, STAGE_HELP[s], _stage_args(s), _stage_run(s)) for s in STAGES),
     Command(
@@ -249,6 +266,12 @@ COMMANDS: tuple[Command, ...] = (
         "show a gravity model's architecture, size, masses and attention implementation",
         _info_args,
         cmd_info,
+    ),
+    Command(
+        "gravitize",
+        "turn a pretrained Llama/Qwen2 model (HF directory or GGUF) into a gravity model",
+        _gravitize_args,
+        cmd_gravitize,
     ),
     Command(
         "pretrain",

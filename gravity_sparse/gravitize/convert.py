@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
-from ..configuration_gravity import GravityConfig
 from ..errors import UserError
-from ..modeling_gravity import GravityForCausalLM
+from ..model.configuration_gravity import GravityConfig
+from ..model.modeling_gravity import GravityForCausalLM
 
 SUPPORTED = ("llama", "qwen2")
 _COPIED = (

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path
 from ..errors import UserError
 from .config import GravitizeConfig
 from .transfer import LayerBatch, fit_layer, gravity_output, qk_scale_for, relative_mse
@@ -100,7 +101,7 @@ def capture(source: torch.nn.Module, ids: torch.Tensor, batch_size: int = 2) -> 
 
 
 def _sequences(tokenizer, source: str, seq_len: int, count: int) -> torch.Tensor:
-    from ..data import encode_text, resolve_text
+    from ..model.data import encode_text, resolve_text
 
     ids = encode_text(tokenizer, resolve_text(source))
     if ids.numel() < count * seq_len:
@@ -122,8 +123,8 @@ def _fitted_state(attn) -> dict[str, torch.Tensor]:
 
 def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
     """Convert and transfer; returns the finished output directory."""
-    from ..data import encode_text, eval_loss, resolve_text
-    from ..io import save_model
+    from ..model.data import encode_text, eval_loss, resolve_text
+    from ..model.io import save_model
     from .convert import gravity_from_pretrained, scale_qk
 
     if not cfg.out:
@@ -198,11 +199,6 @@ def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
         final, _ = eval_loss(model, eval_ids, cfg.seq_len, 2, cfg.eval_max_tokens)
         record["loss_gravity_after_distill"] = final
     record["gap_pct"] = 100.0 * (final - loss_src) / loss_src
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model(model, tok, tmp)
-    (tmp / "gravitize.json").write_text(json.dumps(record, indent=2) + "\n")
     meta = {
         "stage": "gravitize",
         "status": "complete",
@@ -210,14 +206,16 @@ def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
         "wall_s": round(time.time() - t0, 1),
         "versions": _versions(),
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.rename(out)
+    with atomic_path(out) as tmp:
+        save_model(model, tok, tmp)
+        (tmp / "gravitize.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(work)
     return out
 
 
 def _distill(model, source, tok, cfg: GravitizeConfig, work: Path):
-    from ..data import encode_text, resolve_text
+    from ..model.data import encode_text, resolve_text
     from .distill import distill_model
 
     ids = encode_text(tok, resolve_text(cfg.distill_text))
@@ -240,6 +238,6 @@ def _distill(model, source, tok, cfg: GravitizeConfig, work: Path):
 
 
 def _versions() -> dict[str, str]:
-    from ..stage import package_versions
+    from ..run.artifacts import package_versions
 
     return package_versions()

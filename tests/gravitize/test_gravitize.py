@@ -15,7 +15,7 @@ from gravity_sparse import load_model
 from gravity_sparse.errors import UserError
 from gravity_sparse.gravitize import GravitizeConfig
 from gravity_sparse.gravitize.run import run_gravitize
-from gravity_sparse.tokenizer import build_tokenizer
+from gravity_sparse.model.tokenizer import build_tokenizer
 
 
 def tiny_llama(path, **overrides):
