@@ -1,0 +1,143 @@
+"""Launch parameters of the Triton gravity kernels: one function per kernel family, used by the launchers
+and by the compile check (`compile_check`), so the check compiles exactly what the product launches.
+
+What the launchers support (anything else is refused up front with a one-line `UserError`):
+
+- mask blocks 16, 32, 64, 128 (a power of two; p @ v has K = the key tile, and a tensor-core dot needs
+  K ≥ 16);
+- head_dim 1..128 (padded to a power of two ≥ 16 in registers);
+- bf16 and fp16 at every supported block; fp32 (IEEE dots, the exact path) only at mask blocks ≤ 64 and
+  head_dim ≤ 64, where it fits in registers and shared memory — otherwise cast to bf16/fp16 or use
+  backend='reference'.
+
+Every configuration listed by `supported_configs` compiles for sm_90a and sm_80 without register spills at
+16-bit for blocks 64 and 128 (checked in tests/kernels/test_compile.py; report in
+benchmarks/results/*-sm90-compile.md). The inner tile (keys for the forward and dq, queries for dk/dv)
+may be smaller than the mask block: a kept block is then walked in `tile_n`-wide pieces, which keeps the
+s/p/dS tiles and the pipelined loads small at block 128.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+
+MASK_BLOCKS = (16, 32, 64, 128)
+MAX_HEAD_DIM = 128
+FP32_MAX_BLOCK = 64
+FP32_MAX_HEAD_DIM = 64
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+KERNELS = ("fwd", "dq", "dkdv", "decode", "merge")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """num_warps / num_stages of one kernel launch and its inner tile (a divisor of the mask block)."""
+
+    num_warps: int
+    num_stages: int
+    tile_n: int
+
+
+def block_d(head_dim: int) -> int:
+    """Head dimension padded to a power of two ≥ 16 (the register tile width)."""
+    return max(16, 1 << (max(head_dim, 1) - 1).bit_length())
+
+
+def check_supported(dtype: torch.dtype, block: int, head_dim: int, gpu: bool = True) -> None:
+    """UserError (one line, naming the supported range) for a configuration the kernels cannot launch.
+
+    gpu=False (Triton's CPU interpreter) skips the fp32 resource limit, which only a GPU has.
+    """
+    if block not in MASK_BLOCKS:
+        raise UserError(
+            f"the triton backend supports mask blocks {', '.join(map(str, MASK_BLOCKS))}, got {block} "
+            "(use backend='reference' for other block sizes)"
+        )
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise UserError(
+            f"the triton backend supports head_dim 1..{MAX_HEAD_DIM}, got {head_dim} "
+            "(use backend='reference')"
+        )
+    if dtype not in DTYPES:
+        raise UserError(f"the triton backend supports bf16, fp16 and fp32 inputs, got {dtype}")
+    if gpu and dtype == torch.float32 and (block > FP32_MAX_BLOCK or head_dim > FP32_MAX_HEAD_DIM):
+        raise UserError(
+            f"fp32 inputs run on the triton backend only at mask block <= {FP32_MAX_BLOCK} and "
+            f"head_dim <= {FP32_MAX_HEAD_DIM} (got block {block}, head_dim {head_dim}): "
+            "cast q, k, v to bf16/fp16 or use backend='reference'"
+        )
+
+
+def prefill_launch(kernel: str, dtype: torch.dtype, block: int, head_dim: int) -> LaunchConfig:
+    """Launch parameters of a prefill kernel ("fwd", "dq" or "dkdv") for one configuration.
+
+    Chosen from the sm_90a compile report (registers, spills, shared memory); sm_80 gets the same.
+    """
+    check_supported(dtype, block, head_dim)
+    wide = block_d(head_dim) > 64
+    if dtype == torch.float32:
+        # IEEE dots hold 3x the operands: small tiles, no multi-stage buffers
+        return LaunchConfig(num_warps=4, num_stages=1, tile_n=min(block, 32))
+    if kernel == "fwd":
+        if block == 128:
+            return LaunchConfig(num_warps=8, num_stages=2, tile_n=64 if wide else 128)
+        return LaunchConfig(num_warps=4, num_stages=3, tile_n=block)
+    if kernel == "dq":
+        if block == 128:
+            return LaunchConfig(num_warps=8, num_stages=2, tile_n=32 if wide else 64)
+        if block == 64:
+            return LaunchConfig(num_warps=4, num_stages=2, tile_n=32 if wide else 64)
+        return LaunchConfig(num_warps=4, num_stages=2, tile_n=block)
+    if kernel == "dkdv":
+        # dk and dv accumulators (block x D fp32 each) stay in registers: at D = 128 only 16-query
+        # steps with 8 warps and no multi-buffering keep ptxas under 255 registers without spills
+        if wide and block >= 64:
+            return LaunchConfig(num_warps=8, num_stages=1, tile_n=16)
+        if block == 128:
+            return LaunchConfig(num_warps=8, num_stages=1, tile_n=32)
+        if block == 64:
+            return LaunchConfig(num_warps=4, num_stages=2, tile_n=32)
+        return LaunchConfig(num_warps=4, num_stages=2, tile_n=block)
+    raise ValueError(f"unknown prefill kernel {kernel!r}")
+
+
+def decode_rows(group_width: int, num_tokens: int) -> int:
+    """Rows of the decode tile: the group's kept heads × the new tokens, padded to a power of two ≥ 16."""
+    return max(16, 1 << (max(group_width * num_tokens, 1) - 1).bit_length())
+
+
+def decode_launch(dtype: torch.dtype, block: int, head_dim: int, rows: int) -> LaunchConfig:
+    """Launch parameters of the split-KV decode kernel (tile_n: keys per step, a divisor of block)."""
+    check_supported(dtype, block, head_dim)
+    if dtype == torch.float32:
+        return LaunchConfig(num_warps=4, num_stages=1, tile_n=min(block, 32))
+    if rows >= 128:
+        return LaunchConfig(num_warps=8, num_stages=2, tile_n=min(block, 64))
+    return LaunchConfig(num_warps=4, num_stages=3, tile_n=min(block, 64))
+
+
+def merge_launch() -> LaunchConfig:
+    """The decode merge kernel: a few rows, no dots."""
+    return LaunchConfig(num_warps=4, num_stages=1, tile_n=0)
+
+
+def supported_configs(
+    dtypes: tuple[torch.dtype, ...] = DTYPES,
+    blocks: tuple[int, ...] = MASK_BLOCKS,
+    head_dims: tuple[int, ...] = (64, 128),
+) -> list[tuple[torch.dtype, int, int]]:
+    """(dtype, block, head_dim) triples the launchers accept, in a stable order."""
+    out = []
+    for dtype in dtypes:
+        for block in blocks:
+            for d in head_dims:
+                try:
+                    check_supported(dtype, block, d)
+                except UserError:
+                    continue
+                out.append((dtype, block, d))
+    return out
