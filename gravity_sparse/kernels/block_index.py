@@ -16,6 +16,13 @@ on (mask, head_keep, NB, first_q_block), so callers cache them across calls that
 
 For decode (a few queries against a KV cache) the query heads of one KV head share one walk over the union
 of their kept key blocks (`dec_num (Hkv,)`, `dec_idx (Hkv, NB)`), so each K/V tile is read once per group.
+
+The prefill kernels walk hardware tiles of `tile_size` = max(block, 64) positions (`launch.prefill_tile`):
+mask blocks of 16 or 32 are gathered into 64-wide tiles so that the dots are 64-row wgmma tiles. Their
+lists (`tkv_num`, `tkv_idx`, `tq_num`, `tq_idx`, same layout over NT = ceil(NB / (tile / block)) tiles)
+list every tile holding a kept block; a tile that is not entirely kept (some block of it dropped) is
+stored as −(t + 1), and only there the kernels read the block mask per element. With tile = block these
+are the block lists themselves.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from .launch import prefill_tile
 
 
 @dataclass
@@ -45,6 +53,22 @@ class BlockIndex:
     dec_num: torch.Tensor | None = None
     dec_idx: torch.Tensor | None = None
     dec_longest: int = 0  # max of dec_num, kept on the host so decode never synchronises
+    # prefill hardware tiles (see the module docstring); None: the block lists (tile = block)
+    tile_size: int = 0
+    tkv_num: torch.Tensor | None = None
+    tkv_idx: torch.Tensor | None = None
+    tq_num: torch.Tensor | None = None
+    tq_idx: torch.Tensor | None = None
+
+    @property
+    def tile(self) -> int:
+        return self.tile_size or self.block_size
+
+    def tile_lists(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(kv_num, kv_idx, q_num, q_idx) over hardware tiles, partial tiles encoded as −(t + 1)."""
+        if self.tkv_num is None:
+            return self.kv_num, self.kv_idx, self.q_num, self.q_idx
+        return self.tkv_num, self.tkv_idx, self.tq_num, self.tq_idx
 
     def computed_blocks(self) -> int:
         """Number of (head, query block, key block) tiles a forward pass computes."""
@@ -64,6 +88,39 @@ def _sorted_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # a stable sort of "not kept" puts the kept indices first, in ascending order
     idx = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
     return num.contiguous(), idx.contiguous()
+
+
+def tile_lists(
+    mask: torch.Tensor, block_size: int, tile_size: int, first_q_block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tile-level (kv_num, kv_idx, q_num, q_idx) of a (Hq, NB, NB) causal block mask (module docstring).
+
+    A kept tile is "full" when every block it covers is kept, counting as kept the blocks above the
+    diagonal (the kernels' causal test removes them), the rows without queries and the padding past NB
+    (their rows and columns are masked anyway); any other kept tile is partial: −(t + 1).
+    """
+    r = tile_size // block_size
+    heads, nb, _ = mask.shape
+    nt = -(-nb // r)
+    device = mask.device
+    padded = torch.zeros(heads, nt * r, nt * r, dtype=torch.bool, device=device)
+    padded[:, :nb, :nb] = mask
+    pos = torch.arange(nt * r, device=device)
+    free = (
+        (pos.view(1, -1) > pos.view(-1, 1))  # above the diagonal: causal masking handles it
+        | (pos.view(-1, 1) < first_q_block)  # rows without queries
+        | (pos.view(-1, 1) >= nb)
+        | (pos.view(1, -1) >= nb)
+    )
+    kept = padded.view(heads, nt, r, nt, r).any(dim=(2, 4))
+    full = (padded | free).view(heads, nt, r, nt, r).all(dim=(2, 4)) & kept
+    partial = kept & ~full
+    out = []
+    for k_mask, p_mask in ((kept, partial), (kept.transpose(1, 2), partial.transpose(1, 2))):
+        num, idx = _sorted_lists(k_mask.contiguous())
+        flag = torch.gather(p_mask, 2, idx.long())
+        out += [num, torch.where(flag, -idx - 1, idx).contiguous()]
+    return out[0], out[1], out[2], out[3]
 
 
 def check_mask_length(block_mask: torch.Tensor, seq_len: int, block_size: int) -> None:
@@ -138,6 +195,10 @@ def build_block_index(
     union = torch.zeros(num_kv_heads, nb, dtype=torch.int32, device=device)
     union = union.index_add_(0, groups, rows.to(torch.int32)) > 0
     dec_num, dec_idx = _sorted_lists(union)
+    tile = prefill_tile(block_size) if block_size in (16, 32) else block_size
+    tiles = (None,) * 4
+    if tile != block_size:
+        tiles = tile_lists(mask, block_size, tile, first_q_block)
     return BlockIndex(
         block_size=block_size,
         num_blocks=nb,
@@ -152,27 +213,49 @@ def build_block_index(
         dec_num=dec_num,
         dec_idx=dec_idx,
         dec_longest=int(dec_num.max()) if dec_num.numel() else 0,
+        tile_size=tile,
+        tkv_num=tiles[0],
+        tkv_idx=tiles[1],
+        tq_num=tiles[2],
+        tq_idx=tiles[3],
     )
 
 
 def prefill_tensors(index: BlockIndex) -> tuple[torch.Tensor, ...]:
-    """The six index tensors the prefill kernels read, in `index_from_tensors` order."""
-    return (index.kv_num, index.kv_idx, index.q_num, index.q_idx, index.heads, index.group_table)
+    """The seven index tensors the prefill kernels read (tile lists, heads, group table and the block
+    mask for partial tiles), in `index_from_tensors` order."""
+    mask = index.mask
+    if (
+        mask is None
+    ):  # only tile = block indexes come without a mask; the kernels never read it then
+        mask = torch.zeros(1, 1, 1, dtype=torch.bool, device=index.kv_num.device)
+    return (*index.tile_lists(), index.heads, index.group_table, mask)
 
 
 def index_from_tensors(
-    tensors: tuple[torch.Tensor, ...] | list[torch.Tensor], block_size: int, first_q_block: int
+    tensors: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    block_size: int,
+    first_q_block: int,
+    tile_size: int = 0,
 ) -> BlockIndex:
     """Rebuild a prefill BlockIndex from `prefill_tensors` (custom ops take tensors, not dataclasses)."""
-    kv_num, kv_idx, q_num, q_idx, heads, group_table = tensors
+    t_kv_num, t_kv_idx, t_q_num, t_q_idx, heads, group_table, mask = tensors
+    tile = tile_size or block_size
+    tiled = tile != block_size
     return BlockIndex(
         block_size=block_size,
-        num_blocks=kv_num.shape[1],
+        num_blocks=mask.shape[1] if tiled else t_kv_num.shape[1],
         first_q_block=first_q_block,
-        kv_num=kv_num,
-        kv_idx=kv_idx,
-        q_num=q_num,
-        q_idx=q_idx,
+        kv_num=t_kv_num,  # the block lists are not carried: prefill reads the tile lists only
+        kv_idx=t_kv_idx,
+        q_num=t_q_num,
+        q_idx=t_q_idx,
         heads=heads,
         group_table=group_table,
+        mask=mask,
+        tile_size=tile,
+        tkv_num=t_kv_num if tiled else None,
+        tkv_idx=t_kv_idx if tiled else None,
+        tq_num=t_q_num if tiled else None,
+        tq_idx=t_q_idx if tiled else None,
     )

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .launch import DTYPES, MASK_BLOCKS, LaunchConfig, supported_configs
+from .launch import KERNELS as KERNEL_NAMES
 
 SHARED_LIMIT = {90: 232_448, 80: 166_912}  # opt-in dynamic shared memory per block (bytes)
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -54,6 +55,7 @@ class CompileResult:
     num_warps: int
     num_stages: int
     tile_n: int
+    tile_m: int = 0  # program tile (prefill; mask blocks < 64 are gathered into 64-row tiles)
     ok: bool = False
     error: str = ""
     regs: int = 0
@@ -206,6 +208,7 @@ def compile_one(kernel: str, dtype: torch.dtype, block: int, head_dim: int, arch
     res = CompileResult(
         kernel=kernel, arch=arch, dtype=DTYPE_NAMES[dtype], block=block, head_dim=head_dim,
         rows=rows, num_warps=cfg.num_warps, num_stages=cfg.num_stages, tile_n=cfg.tile_n,
+        tile_m=cfg.tile_m,
     )  # fmt: skip
     if cfg is not picked:
         constexprs = dict(constexprs, TILE_N=cfg.tile_n) if "TILE_N" in constexprs else constexprs
@@ -342,7 +345,9 @@ def markdown(results: list[CompileResult], command: str) -> str:
         "launchers call the same functions). regs: registers per thread; spill: ptxas spill stores + "
         "loads in bytes per thread; smem: dynamic shared memory (limit 232,448 B on sm_90a, "
         "166,912 B on sm_80); mma: tensor-core instruction family in the PTX. rows: decode tile rows "
-        "(kept heads of a KV group x new tokens, padded to >= 16). No GPU ran anything here.",
+        "(kept heads of a KV group x new tokens, padded to >= 16); tile_m: rows of a prefill program "
+        "(mask blocks 16/32 are gathered into 64-row tiles); tile_n: keys (queries for dkdv) per "
+        "inner step. No GPU ran anything here.",
         "",
     ]
     bad = [r for r in results if not r.ok]
@@ -354,15 +359,15 @@ def markdown(results: list[CompileResult], command: str) -> str:
         f"{len(results)} compiles: {len(results) - len(bad)} fit, {len(bad)} cannot launch; "
         f"{len(spill16)} 16-bit configurations at block 64/128 spill.",
         "",
-        "| arch | kernel | dtype | block | D | rows | warps | stages | tile_n | regs | spill B | "
-        "smem B | mma | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arch | kernel | dtype | block | D | rows | tile_m | warps | stages | tile_n | regs | "
+        "spill B | smem B | mma | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         status = "ok" if r.ok else r.error.replace("|", "/")
         lines.append(
             f"| sm_{r.arch} | {r.kernel} | {r.dtype} | {r.block} | {r.head_dim} | {r.rows or ''} | "
-            f"{r.num_warps} | {r.num_stages} | {r.tile_n or ''} | {r.regs} | {r.spill_bytes} | "
+            f"{r.tile_m or ''} | {r.num_warps} | {r.num_stages} | {r.tile_n or ''} | {r.regs} | {r.spill_bytes} | "
             f"{r.shared} | {r.mma} | {status} |"
         )
     lines += [
@@ -397,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="the whole product matrix")
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=[90, 80])
     parser.add_argument("--out", type=Path, help="write the markdown report here (+ .json beside)")
+    parser.add_argument(
+        "--kernels", nargs="+", choices=list(KERNEL_NAMES), help="only these kernels"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -405,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     jobs = matrix(args.full, tuple(args.arch))
+    if args.kernels:
+        jobs = [j for j in jobs if j[0] in args.kernels]
     results = run_matrix(jobs, progress=not args.quiet)
     if args.out:
         command = "python -m gravity_sparse.kernels.compile_check " + " ".join(argv or sys.argv[1:])

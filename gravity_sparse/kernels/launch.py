@@ -35,11 +35,25 @@ KERNELS = ("fwd", "dq", "dkdv", "decode", "merge")
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """num_warps / num_stages of one kernel launch and its inner tile (a divisor of the mask block)."""
+    """num_warps / num_stages of one kernel launch, its program tile (rows: queries for the forward
+    and dq, keys for dk/dv) and its inner tile (a divisor of the program tile)."""
 
     num_warps: int
     num_stages: int
     tile_n: int
+    tile_m: int = 0
+
+
+TILE_MIN = (
+    64  # a wgmma warpgroup tile has 64 rows: smaller mask blocks are gathered into 64-row tiles
+)
+
+
+def prefill_tile(block: int) -> int:
+    """Hardware tile of the prefill kernels for a mask block: the block itself from 64 rows up, else
+    64 rows gathering 64 / block mask blocks (the kernels then apply the mask per element, and only on
+    tiles that are not entirely kept)."""
+    return max(block, TILE_MIN)
 
 
 def block_d(head_dim: int) -> int:
@@ -77,31 +91,31 @@ def prefill_launch(kernel: str, dtype: torch.dtype, block: int, head_dim: int) -
 
     Chosen from the sm_90a compile report (registers, spills, shared memory); sm_80 gets the same.
     """
-    check_supported(dtype, block, head_dim)
-    wide = block_d(head_dim) > 64
+    check_supported(dtype, block, head_dim, gpu=False)  # the launchers check the GPU limits
+    cfg = _prefill_choice(kernel, dtype, prefill_tile(block), block_d(head_dim) > 64)
+    return LaunchConfig(cfg.num_warps, cfg.num_stages, cfg.tile_n, prefill_tile(block))
+
+
+def _prefill_choice(kernel: str, dtype: torch.dtype, tile: int, wide: bool) -> LaunchConfig:
     if dtype == torch.float32:
-        # IEEE dots hold 3x the operands: small tiles, no multi-stage buffers
-        return LaunchConfig(num_warps=4, num_stages=1, tile_n=min(block, 32))
+        # IEEE dots hold 3x the operands: small inner tiles, no multi-stage buffers
+        return LaunchConfig(num_warps=4, num_stages=1, tile_n=32)
     if kernel == "fwd":
-        if block == 128:
+        if tile == 128:
             return LaunchConfig(num_warps=8, num_stages=2, tile_n=64 if wide else 128)
-        return LaunchConfig(num_warps=4, num_stages=3, tile_n=block)
+        return LaunchConfig(num_warps=4, num_stages=3, tile_n=64)
     if kernel == "dq":
-        if block == 128:
+        if tile == 128:
             return LaunchConfig(num_warps=8, num_stages=2, tile_n=32 if wide else 64)
-        if block == 64:
-            return LaunchConfig(num_warps=4, num_stages=2, tile_n=32 if wide else 64)
-        return LaunchConfig(num_warps=4, num_stages=2, tile_n=block)
+        return LaunchConfig(num_warps=4, num_stages=2, tile_n=32 if wide else 64)
     if kernel == "dkdv":
-        # dk and dv accumulators (block x D fp32 each) stay in registers: at D = 128 only 16-query
+        # dk and dv accumulators (tile x D fp32 each) stay in registers: at D = 128 only 16-query
         # steps with 8 warps and no multi-buffering keep ptxas under 255 registers without spills
-        if wide and block >= 64:
+        if wide:
             return LaunchConfig(num_warps=8, num_stages=1, tile_n=16)
-        if block == 128:
+        if tile == 128:
             return LaunchConfig(num_warps=8, num_stages=1, tile_n=32)
-        if block == 64:
-            return LaunchConfig(num_warps=4, num_stages=2, tile_n=32)
-        return LaunchConfig(num_warps=4, num_stages=2, tile_n=block)
+        return LaunchConfig(num_warps=4, num_stages=2, tile_n=32)
     raise ValueError(f"unknown prefill kernel {kernel!r}")
 
 
@@ -112,7 +126,7 @@ def decode_rows(group_width: int, num_tokens: int) -> int:
 
 def decode_launch(dtype: torch.dtype, block: int, head_dim: int, rows: int) -> LaunchConfig:
     """Launch parameters of the split-KV decode kernel (tile_n: keys per step, a divisor of block)."""
-    check_supported(dtype, block, head_dim)
+    check_supported(dtype, block, head_dim, gpu=False)
     if dtype == torch.float32:
         return LaunchConfig(num_warps=4, num_stages=1, tile_n=min(block, 32))
     if rows >= 128:

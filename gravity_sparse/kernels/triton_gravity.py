@@ -60,6 +60,19 @@ def _softplus(x):
 
 
 @triton.jit
+def _block_bits(mask_h, smq, q_pos, k_pos, SK, MASK_BLOCK: tl.constexpr):
+    """Bool tile: the block mask of one head at (q_pos // MASK_BLOCK, k_pos // MASK_BLOCK).
+
+    q_pos, k_pos: broadcastable position tiles. Read only on tiles that are not entirely kept; positions
+    past the sequence read the last block (their scores are masked anyway).
+    """
+    last = (SK - 1) // MASK_BLOCK
+    qb = tl.minimum(q_pos // MASK_BLOCK, last)
+    kb = tl.minimum(k_pos // MASK_BLOCK, last)
+    return tl.load(mask_h + qb * smq + kb) != 0
+
+
+@triton.jit
 def _to_low(x, LOW: tl.constexpr, EMULATE: tl.constexpr):
     """x rounded to the dot operand type LOW (in fp32 when EMULATE: the interpreter path)."""
     if EMULATE:
@@ -76,12 +89,12 @@ def _to_low(x, LOW: tl.constexpr, EMULATE: tl.constexpr):
 
 @triton.jit
 def _gravity_fwd_kernel(
-    Q, K, V, QN, KN, MASS_LOG, O, LSE, HEADS, KVG, KV_NUM, KV_IDX,
+    Q, K, V, QN, KN, MASS_LOG, O, LSE, HEADS, KVG, KV_NUM, KV_IDX, MASK,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos, slb, slh, sknb, sknh,
-    s_num, s_idx_h, s_idx_q,
+    s_num, s_idx_h, s_idx_q, smh, smq,
     S, SK, D, Q_OFF, QB0, NQB_RUN, eps,
-    BLOCK: tl.constexpr, TILE_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    LOW: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK: tl.constexpr, MASK_BLOCK: tl.constexpr, TILE_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     SUB: tl.constexpr = BLOCK // TILE_N
     qb = QB0 + NQB_RUN - 1 - tl.program_id(0)  # longest rows first: better load balance
@@ -106,7 +119,8 @@ def _gravity_fwd_kernel(
     acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     n_steps = tl.load(KV_NUM + h * s_num + qb) * SUB
     for it in range(0, n_steps):
-        kb = tl.load(idx_base + it // SUB)
+        e = tl.load(idx_base + it // SUB)  # a kept tile; −(t + 1) when only partly kept
+        kb = tl.where(e < 0, -e - 1, e)
         offs_n = kb * BLOCK + (it % SUB) * TILE_N + tl.arange(0, TILE_N)
         col_ok = offs_n < SK
         k = _load_rows(k_base + offs_n[:, None] * sks + offs_d[None, :], col_ok, offs_d, D)
@@ -115,6 +129,12 @@ def _gravity_fwd_kernel(
         d2 = tl.maximum(qn[:, None] + kn[None, :] - 2.0 * qk, 0.0)
         s = mass2 / (d2 + eps)
         allowed = (offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :]
+        if MASK_BLOCK < BLOCK:
+            if e < 0:
+                bits = _block_bits(
+                    MASK + h * smh, smq, offs_m[:, None], offs_n[None, :], SK, MASK_BLOCK
+                )
+                allowed = allowed & bits
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -135,12 +155,12 @@ def _gravity_fwd_kernel(
 
 @triton.jit
 def _gravity_bwd_dq_kernel(
-    Q, K, V, QN, KN, MASS_LOG, DO, LSE, DELTA, DQ, DMASS, HEADS, KVG, KV_NUM, KV_IDX,
+    Q, K, V, QN, KN, MASS_LOG, DO, LSE, DELTA, DQ, DMASS, HEADS, KVG, KV_NUM, KV_IDX, MASK,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos, sdqb, sdqh, sdqs,
-    sknb, sknh, slb, slh, smb, smh, s_num, s_idx_h, s_idx_q,
+    sknb, sknh, slb, slh, smb, smh, s_num, s_idx_h, s_idx_q, s_mh, s_mq,
     S, SK, D, Q_OFF, QB0, NQB_RUN, eps,
-    BLOCK: tl.constexpr, TILE_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    LOW: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK: tl.constexpr, MASK_BLOCK: tl.constexpr, TILE_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     """dq of one (query block, head, batch), and its share of Σ dS·s for the mass gradient."""
     SUB: tl.constexpr = BLOCK // TILE_N
@@ -171,7 +191,8 @@ def _gravity_bwd_dq_kernel(
     ds_s = tl.zeros([BLOCK], dtype=tl.float32)
     n_steps = tl.load(KV_NUM + h * s_num + qb) * SUB
     for it in range(0, n_steps):
-        kb = tl.load(idx_base + it // SUB)
+        e = tl.load(idx_base + it // SUB)
+        kb = tl.where(e < 0, -e - 1, e)
         offs_n = kb * BLOCK + (it % SUB) * TILE_N + tl.arange(0, TILE_N)
         col_ok = offs_n < SK
         k = _load_rows(k_base + offs_n[:, None] * sks + offs_d[None, :], col_ok, offs_d, D)
@@ -181,6 +202,12 @@ def _gravity_bwd_dq_kernel(
         r = 1.0 / (tl.maximum(raw, 0.0) + eps)
         s = mass2 * r
         allowed = (offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :]
+        if MASK_BLOCK < BLOCK:
+            if e < 0:
+                bits = _block_bits(
+                    MASK + h * s_mh, s_mq, offs_m[:, None], offs_n[None, :], SK, MASK_BLOCK
+                )
+                allowed = allowed & bits
         p = tl.where(allowed, tl.exp2(s * 1.4426950408889634 - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -197,12 +224,12 @@ def _gravity_bwd_dq_kernel(
 
 @triton.jit
 def _gravity_bwd_dkdv_kernel(
-    Q, K, V, QN, KN, MASS_LOG, DO, LSE, DELTA, DK, DV, GROUPS, Q_NUM, Q_IDX,
+    Q, K, V, QN, KN, MASS_LOG, DO, LSE, DELTA, DK, DV, GROUPS, Q_NUM, Q_IDX, MASK,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos, sdkb, sdkh, sdks,
-    sdvb, sdvh, sdvs, sknb, sknh, slb, slh, s_num, s_idx_h, s_idx_k, s_grp,
+    sdvb, sdvh, sdvs, sknb, sknh, slb, slh, s_num, s_idx_h, s_idx_k, s_grp, smh, smq,
     S, SK, D, Q_OFF, GROUP_WIDTH, eps,
-    BLOCK: tl.constexpr, TILE_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    LOW: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK: tl.constexpr, MASK_BLOCK: tl.constexpr, TILE_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     """dk, dv of one (key block, KV head, batch), summed over the kept query heads of the group.
 
@@ -234,7 +261,8 @@ def _gravity_bwd_dkdv_kernel(
             idx_base = Q_IDX + h * s_idx_h + kb * s_idx_k
             n_steps = tl.load(Q_NUM + h * s_num + kb) * SUB
             for it in range(0, n_steps):
-                qb = tl.load(idx_base + it // SUB)
+                e = tl.load(idx_base + it // SUB)
+                qb = tl.where(e < 0, -e - 1, e)
                 offs_m = qb * BLOCK + (it % SUB) * TILE_N + tl.arange(0, TILE_N)
                 row_ok = (offs_m >= Q_OFF) & (offs_m < SK)
                 rows = offs_m - Q_OFF
@@ -251,6 +279,12 @@ def _gravity_bwd_dkdv_kernel(
                 r = 1.0 / (tl.maximum(raw, 0.0) + eps)
                 s = mass2 * r
                 allowed = (offs_n[:, None] <= offs_m[None, :]) & row_ok[None, :] & col_ok[:, None]
+                if MASK_BLOCK < BLOCK:
+                    if e < 0:
+                        bits = _block_bits(
+                            MASK + h * smh, smq, offs_m[None, :], offs_n[:, None], SK, MASK_BLOCK
+                        )
+                        allowed = allowed & bits
                 p = tl.where(allowed, tl.exp2(s * 1.4426950408889634 - lse[None, :]), 0.0)
                 dv += tl.dot(_to_low(p, LOW, EMULATE), do, input_precision=PRECISION)
                 dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -276,17 +310,18 @@ KERNELS = {
     "fwd": (
         _gravity_fwd_kernel,
         dict(Q="io", K="io", V="io", QN="fp32", KN="fp32", MASS_LOG="fp32", O="io", LSE="fp32",
-             HEADS=_I32, KVG=_I32, KV_NUM=_I32, KV_IDX=_I32),
+             HEADS=_I32, KVG=_I32, KV_NUM=_I32, KV_IDX=_I32, MASK="i8"),
     ),
     "dq": (
         _gravity_bwd_dq_kernel,
         dict(Q="io", K="io", V="io", QN="fp32", KN="fp32", MASS_LOG="fp32", DO="io", LSE="fp32",
-             DELTA="fp32", DQ="io", DMASS="fp32", HEADS=_I32, KVG=_I32, KV_NUM=_I32, KV_IDX=_I32),
+             DELTA="fp32", DQ="io", DMASS="fp32", HEADS=_I32, KVG=_I32, KV_NUM=_I32, KV_IDX=_I32,
+             MASK="i8"),
     ),
     "dkdv": (
         _gravity_bwd_dkdv_kernel,
         dict(Q="io", K="io", V="io", QN="fp32", KN="fp32", MASS_LOG="fp32", DO="io", LSE="fp32",
-             DELTA="fp32", DK="io", DV="io", GROUPS=_I32, Q_NUM=_I32, Q_IDX=_I32),
+             DELTA="fp32", DK="io", DV="io", GROUPS=_I32, Q_NUM=_I32, Q_IDX=_I32, MASK="i8"),
     ),
 }  # fmt: skip
 
@@ -307,10 +342,9 @@ def kernel_meta(
     """Constexpr arguments and launch parameters of a prefill kernel: what the launcher passes and
     what the compile check compiles. emulate: the interpreter's fp32-operand path for 16-bit inputs."""
     cfg = prefill_launch(kernel, dtype, block, head_dim)
-    if emulate:
-        cfg = LaunchConfig(cfg.num_warps, cfg.num_stages, min(cfg.tile_n, block))
     constexprs = dict(
-        BLOCK=block,
+        BLOCK=cfg.tile_m,
+        MASK_BLOCK=block,
         TILE_N=cfg.tile_n,
         BLOCK_D=block_d(head_dim),
         PRECISION="ieee" if emulate else precision(dtype),
@@ -333,9 +367,17 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_shape(index: BlockIndex, s: int, sk: int) -> tuple[int, int, int]:
-    q_off = sk - s
-    qb0 = q_off // index.block_size
-    return q_off, qb0, (sk - 1) // index.block_size - qb0 + 1
+    """Query offset, first query tile and number of query tiles of a prefill launch."""
+    q_off, tile = sk - s, index.tile
+    qb0 = q_off // tile
+    return q_off, qb0, (sk - 1) // tile - qb0 + 1
+
+
+def _mask_arg(index: BlockIndex) -> torch.Tensor:
+    """The block mask as int8 (same bytes, no copy); a 1-element dummy when no tile is partial."""
+    if index.mask is None:
+        return torch.zeros(1, 1, 1, dtype=torch.int8, device=index.heads.device)
+    return index.mask.view(torch.int8)
 
 
 def gravity_fwd(
@@ -362,12 +404,15 @@ def gravity_fwd(
     qn, kn = squared_norms(q), squared_norms(k)
     q_off, qb0, nqb_run = _launch_shape(index, s, sk)
     meta, cfg = kernel_meta("fwd", dtype, index.block_size, d, emulate)
+    assert cfg.tile_m == index.tile, (cfg.tile_m, index.tile)
+    kv_num, kv_idx, _, _ = index.tile_lists()
+    mask = _mask_arg(index)
     _gravity_fwd_kernel[(nqb_run, n_heads, bsz)](
-        q, k, v, qn, kn, mass_log, out, lse, index.heads, kv_groups, index.kv_num, index.kv_idx,
+        q, k, v, qn, kn, mass_log, out, lse, index.heads, kv_groups, kv_num, kv_idx, mask,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), kn.stride(0), kn.stride(1),
-        index.kv_num.stride(0), index.kv_idx.stride(0), index.kv_idx.stride(1),
+        kv_num.stride(0), kv_idx.stride(0), kv_idx.stride(1), mask.stride(0), mask.stride(1),
         s, sk, d, q_off, qb0, nqb_run, float(eps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )  # fmt: skip
@@ -401,30 +446,32 @@ def gravity_bwd(
     q, k, v, dout = (t.to(work).contiguous() for t in (q, k, v, dout))
     qn, kn = squared_norms(q), squared_norms(k)
     q_off, qb0, nqb_run = _launch_shape(index, s, sk)
-    nb = index.num_blocks
-    dmass_part = torch.zeros(bsz, hq, nb, device=q.device, dtype=torch.float32)
+    kv_num, kv_idx, q_num, q_idx = index.tile_lists()
+    mask = _mask_arg(index)
+    nt = kv_num.shape[1]  # tiles (= blocks when the tile is the mask block)
+    dmass_part = torch.zeros(bsz, hq, nt, device=q.device, dtype=torch.float32)
     meta, cfg = kernel_meta("dq", dtype, index.block_size, d, emulate)
     _gravity_bwd_dq_kernel[(nqb_run, n_heads, bsz)](
         q, k, v, qn, kn, mass_log, dout, lse, delta, dq, dmass_part,
-        index.heads, kv_groups, index.kv_num, index.kv_idx,
+        index.heads, kv_groups, kv_num, kv_idx, mask,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), kn.stride(0), kn.stride(1),
         lse.stride(0), lse.stride(1), dmass_part.stride(0), dmass_part.stride(1),
-        index.kv_num.stride(0), index.kv_idx.stride(0), index.kv_idx.stride(1),
+        kv_num.stride(0), kv_idx.stride(0), kv_idx.stride(1), mask.stride(0), mask.stride(1),
         s, sk, d, q_off, qb0, nqb_run, float(eps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )  # fmt: skip
     meta, cfg = kernel_meta("dkdv", dtype, index.block_size, d, emulate)
-    _gravity_bwd_dkdv_kernel[(nb, hkv, bsz)](
+    _gravity_bwd_dkdv_kernel[(nt, hkv, bsz)](
         q, k, v, qn, kn, mass_log, dout, lse, delta, dk, dv,
-        index.group_table, index.q_num, index.q_idx,
+        index.group_table, q_num, q_idx, mask,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         kn.stride(0), kn.stride(1), lse.stride(0), lse.stride(1),
-        index.q_num.stride(0), index.q_idx.stride(0), index.q_idx.stride(1),
-        index.group_table.stride(0),
+        q_num.stride(0), q_idx.stride(0), q_idx.stride(1),
+        index.group_table.stride(0), mask.stride(0), mask.stride(1),
         s, sk, d, q_off, index.group_table.shape[1], float(eps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )  # fmt: skip
