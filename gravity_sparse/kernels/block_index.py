@@ -21,7 +21,9 @@ The prefill kernels walk hardware tiles of `tile_size` = max(block, 64) position
 mask blocks of 16 or 32 are gathered into 64-wide tiles so that the dots are 64-row wgmma tiles. Their
 lists (`tkv_num`, `tkv_idx`, `tq_num`, `tq_idx`, same layout over NT = ceil(NB / (tile / block)) tiles)
 list every tile holding a kept block; a tile that is not entirely kept (some block of it dropped) is
-stored as −(t + 1), and only there the kernels read the block mask per element. With tile = block these
+stored as −(t + 1), and only there the kernels apply the block mask per element, from `tkv_bits` /
+`tq_bits` (int32, aligned with the index lists): bit (qs · R + ks) says whether the ks-th key block of
+the qs-th query block of the tile is kept (R = tile / block ≤ 4, so 16 bits). With tile = block these
 are the block lists themselves.
 """
 
@@ -59,16 +61,20 @@ class BlockIndex:
     tkv_idx: torch.Tensor | None = None
     tq_num: torch.Tensor | None = None
     tq_idx: torch.Tensor | None = None
+    tkv_bits: torch.Tensor | None = None
+    tq_bits: torch.Tensor | None = None
 
     @property
     def tile(self) -> int:
         return self.tile_size or self.block_size
 
-    def tile_lists(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(kv_num, kv_idx, q_num, q_idx) over hardware tiles, partial tiles encoded as −(t + 1)."""
+    def tile_lists(self) -> tuple[torch.Tensor, ...]:
+        """(kv_num, kv_idx, kv_bits, q_num, q_idx, q_bits) over hardware tiles, partial tiles encoded
+        as −(t + 1); the bits are a 1-element dummy when the tile is the mask block (never read)."""
         if self.tkv_num is None:
-            return self.kv_num, self.kv_idx, self.q_num, self.q_idx
-        return self.tkv_num, self.tkv_idx, self.tq_num, self.tq_idx
+            dummy = torch.zeros(1, 1, 1, dtype=torch.int32, device=self.kv_num.device)
+            return self.kv_num, self.kv_idx, dummy, self.q_num, self.q_idx, dummy
+        return (self.tkv_num, self.tkv_idx, self.tkv_bits, self.tq_num, self.tq_idx, self.tq_bits)
 
     def computed_blocks(self) -> int:
         """Number of (head, query block, key block) tiles a forward pass computes."""
@@ -92,12 +98,13 @@ def _sorted_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def tile_lists(
     mask: torch.Tensor, block_size: int, tile_size: int, first_q_block: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tile-level (kv_num, kv_idx, q_num, q_idx) of a (Hq, NB, NB) causal block mask (module docstring).
+) -> tuple[torch.Tensor, ...]:
+    """Tile-level (kv_num, kv_idx, kv_bits, q_num, q_idx, q_bits) of a (Hq, NB, NB) causal block mask.
 
     A kept tile is "full" when every block it covers is kept, counting as kept the blocks above the
     diagonal (the kernels' causal test removes them), the rows without queries and the padding past NB
-    (their rows and columns are masked anyway); any other kept tile is partial: −(t + 1).
+    (their rows and columns are masked anyway); any other kept tile is partial: −(t + 1). See the module
+    docstring for the bits.
     """
     r = tile_size // block_size
     heads, nb, _ = mask.shape
@@ -112,15 +119,24 @@ def tile_lists(
         | (pos.view(-1, 1) >= nb)
         | (pos.view(1, -1) >= nb)
     )
-    kept = padded.view(heads, nt, r, nt, r).any(dim=(2, 4))
+    sub = padded.view(heads, nt, r, nt, r)
+    kept = sub.any(dim=(2, 4))
     full = (padded | free).view(heads, nt, r, nt, r).all(dim=(2, 4)) & kept
     partial = kept & ~full
+    weight = (1 << torch.arange(r * r, device=device, dtype=torch.int32)).view(r, r)  # (qs, ks)
+    bits = (sub.permute(0, 1, 3, 2, 4).to(torch.int32) * weight).sum(
+        dim=(-2, -1), dtype=torch.int32
+    )
     out = []
-    for k_mask, p_mask in ((kept, partial), (kept.transpose(1, 2), partial.transpose(1, 2))):
+    for k_mask, p_mask, b in (
+        (kept, partial, bits),
+        (kept.transpose(1, 2), partial.transpose(1, 2), bits.transpose(1, 2)),
+    ):
         num, idx = _sorted_lists(k_mask.contiguous())
         flag = torch.gather(p_mask, 2, idx.long())
-        out += [num, torch.where(flag, -idx - 1, idx).contiguous()]
-    return out[0], out[1], out[2], out[3]
+        word = torch.gather(b, 2, idx.long())
+        out += [num, torch.where(flag, -idx - 1, idx).contiguous(), word.contiguous()]
+    return tuple(out)
 
 
 def check_mask_length(block_mask: torch.Tensor, seq_len: int, block_size: int) -> None:
@@ -196,7 +212,7 @@ def build_block_index(
     union = union.index_add_(0, groups, rows.to(torch.int32)) > 0
     dec_num, dec_idx = _sorted_lists(union)
     tile = prefill_tile(block_size) if block_size in (16, 32) else block_size
-    tiles = (None,) * 4
+    tiles = (None,) * 6
     if tile != block_size:
         tiles = tile_lists(mask, block_size, tile, first_q_block)
     return BlockIndex(
@@ -216,20 +232,18 @@ def build_block_index(
         tile_size=tile,
         tkv_num=tiles[0],
         tkv_idx=tiles[1],
-        tq_num=tiles[2],
-        tq_idx=tiles[3],
+        tkv_bits=tiles[2],
+        tq_num=tiles[3],
+        tq_idx=tiles[4],
+        tq_bits=tiles[5],
     )
 
 
 def prefill_tensors(index: BlockIndex) -> tuple[torch.Tensor, ...]:
-    """The seven index tensors the prefill kernels read (tile lists, heads, group table and the block
-    mask for partial tiles), in `index_from_tensors` order."""
-    mask = index.mask
-    if (
-        mask is None
-    ):  # only tile = block indexes come without a mask; the kernels never read it then
-        mask = torch.zeros(1, 1, 1, dtype=torch.bool, device=index.kv_num.device)
-    return (*index.tile_lists(), index.heads, index.group_table, mask)
+    """The eight index tensors the prefill kernels read, in `index_from_tensors` order:
+    kv_num, kv_idx, q_num, q_idx (tile lists), heads, group_table, kv_bits, q_bits."""
+    kv_num, kv_idx, kv_bits, q_num, q_idx, q_bits = index.tile_lists()
+    return (kv_num, kv_idx, q_num, q_idx, index.heads, index.group_table, kv_bits, q_bits)
 
 
 def index_from_tensors(
@@ -238,24 +252,28 @@ def index_from_tensors(
     first_q_block: int,
     tile_size: int = 0,
 ) -> BlockIndex:
-    """Rebuild a prefill BlockIndex from `prefill_tensors` (custom ops take tensors, not dataclasses)."""
-    t_kv_num, t_kv_idx, t_q_num, t_q_idx, heads, group_table, mask = tensors
+    """Rebuild a prefill BlockIndex from `prefill_tensors` (custom ops take tensors, not dataclasses).
+
+    Only the tile lists travel: its kv_num/kv_idx/q_num/q_idx are the tile lists too.
+    """
+    kv_num, kv_idx, q_num, q_idx, heads, group_table, kv_bits, q_bits = tensors
     tile = tile_size or block_size
     tiled = tile != block_size
     return BlockIndex(
         block_size=block_size,
-        num_blocks=mask.shape[1] if tiled else t_kv_num.shape[1],
+        num_blocks=kv_num.shape[1] * (tile // block_size),
         first_q_block=first_q_block,
-        kv_num=t_kv_num,  # the block lists are not carried: prefill reads the tile lists only
-        kv_idx=t_kv_idx,
-        q_num=t_q_num,
-        q_idx=t_q_idx,
+        kv_num=kv_num,
+        kv_idx=kv_idx,
+        q_num=q_num,
+        q_idx=q_idx,
         heads=heads,
         group_table=group_table,
-        mask=mask,
         tile_size=tile,
-        tkv_num=t_kv_num if tiled else None,
-        tkv_idx=t_kv_idx if tiled else None,
-        tq_num=t_q_num if tiled else None,
-        tq_idx=t_q_idx if tiled else None,
+        tkv_num=kv_num if tiled else None,
+        tkv_idx=kv_idx if tiled else None,
+        tkv_bits=kv_bits if tiled else None,
+        tq_num=q_num if tiled else None,
+        tq_idx=q_idx if tiled else None,
+        tq_bits=q_bits if tiled else None,
     )

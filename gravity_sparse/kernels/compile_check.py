@@ -39,7 +39,7 @@ SHARED_LIMIT = {90: 232_448, 80: 166_912}  # opt-in dynamic shared memory per bl
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 GQA_GROUPS = (1, 3, 8)
-DECODE_TOKENS = (1, 4)  # new tokens per decode step in the matrix (rows = group x tokens)
+DECODE_TOKENS = (1, 16)  # new tokens per decode step (rows = group x tokens; decode takes <= 16)
 
 
 @dataclass
@@ -297,21 +297,37 @@ def _decode_rows(full: bool, block: int) -> list[int]:
     return sorted({decode_rows(g, t) for g in GQA_GROUPS for t in DECODE_TOKENS})
 
 
-def run_matrix(jobs: list[tuple], progress: bool = False) -> list[CompileResult]:
-    results = []
-    for i, (kernel, dtype, block, d, arch, rows) in enumerate(jobs):
-        res = compile_one(kernel, dtype, block, d, arch, rows)
-        results.append(res)
-        if progress:
-            state = "ok" if res.ok else "FAIL"
-            print(
-                f"[{i + 1}/{len(jobs)}] sm_{arch} {kernel} {res.dtype} block {block} D {d} rows {rows}: "
-                f"{state} regs {res.regs} spill {res.spill_bytes} smem {res.shared} "
-                f"({res.seconds:.1f}s) {res.error}",
-                file=sys.stderr,
-                flush=True,
-            )
+def _compile_job(job: tuple) -> CompileResult:
+    kernel, dtype, block, d, arch, rows = job
+    return compile_one(kernel, dtype, block, d, arch, rows)
+
+
+def run_matrix(jobs: list[tuple], progress: bool = False, workers: int = 1) -> list[CompileResult]:
+    """Compile every job (in `workers` processes; results in job order)."""
+    if workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            results = list(pool.map(_compile_job, jobs))
+    else:
+        results = []
+        for job in jobs:
+            results.append(_compile_job(job))
+            if progress:
+                _print_progress(len(results), len(jobs), results[-1])
     return results
+
+
+def _print_progress(i: int, n: int, res: CompileResult) -> None:
+    state = "ok" if res.ok else "FAIL"
+    print(
+        f"[{i}/{n}] sm_{res.arch} {res.kernel} {res.dtype} block {res.block} D {res.head_dim} "
+        f"rows {res.rows}: {state} regs {res.regs} spill {res.spill_bytes} smem {res.shared} "
+        f"({res.seconds:.1f}s) {res.error}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def refused_rows() -> list[str]:
@@ -407,22 +423,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    parser.add_argument(
+        "--render", type=Path, help="no compiling: rewrite --out from the results of this .json"
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter cannot compile kernels", file=sys.stderr)
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    jobs = matrix(args.full, tuple(args.arch))
-    if args.kernels:
-        jobs = [j for j in jobs if j[0] in args.kernels]
-    results = run_matrix(jobs, progress=not args.quiet)
-    if args.out:
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        results = [CompileResult(**r) for r in saved["results"]]
+        command = saved["command"]
+    else:
+        jobs = matrix(args.full, tuple(args.arch))
+        if args.kernels:
+            jobs = [j for j in jobs if j[0] in args.kernels]
+        results = run_matrix(jobs, progress=not args.quiet, workers=args.jobs)
         command = "python -m gravity_sparse.kernels.compile_check " + " ".join(argv or sys.argv[1:])
+    if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(markdown(results, command.strip()))
-        args.out.with_suffix(".json").write_text(
-            json.dumps([asdict(r) for r in results], indent=1) + "\n"
-        )
+        saved = {"command": command.strip(), "results": [asdict(r) for r in results]}
+        args.out.with_suffix(".json").write_text(json.dumps(saved, indent=1) + "\n")
     if args.json:
         print(json.dumps([asdict(r) for r in results]))
     return 0 if all(r.ok for r in results) else 1

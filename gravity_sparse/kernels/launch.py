@@ -12,9 +12,11 @@ What the launchers support (anything else is refused up front with a one-line `U
 
 Every configuration listed by `supported_configs` compiles for sm_90a and sm_80 without register spills at
 16-bit for blocks 64 and 128 (checked in tests/kernels/test_compile.py; report in
-benchmarks/results/*-sm90-compile.md). The inner tile (keys for the forward and dq, queries for dk/dv)
-may be smaller than the mask block: a kept block is then walked in `tile_n`-wide pieces, which keeps the
-s/p/dS tiles and the pipelined loads small at block 128.
+benchmarks/results/*-sm90-compile.md). The program tile of the prefill kernels is `prefill_tile(block)`
+rows (mask blocks 16 and 32 are gathered into 64-row tiles, so every prefill dot is a 64-row wgmma tile on
+sm_90a). The inner tile `tile_n` (keys for the forward and dq, queries for dk/dv) may be smaller than the
+program tile: a kept tile is then walked in `tile_n`-wide pieces, which keeps the s/p/dS tiles and the
+pipelined loads small.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
     gravity_sparse::gravity_bwd(dout, q, k, v, mass_log, kv_groups, out, lse, *index) -> dq, dk, dv, dmass
     gravity_sparse::gravity_decode(q, k, v, mass_log, kv_groups, mask, heads, group_table, ...) -> out
 
-`index` are the seven prefill tensors of `block_index.prefill_tensors` (tile lists, heads, group table,
-block mask). Fake (meta) implementations give
+`index` are the eight prefill tensors of `block_index.prefill_tensors` (tile lists, heads, group table,
+partial-tile bits). Fake (meta) implementations give
 torch.compile the output shapes; the kernels themselves run eagerly inside the op.
 """
 
@@ -32,13 +32,14 @@ def _fwd_op(
     q_idx: Tensor,
     heads: Tensor,
     group_table: Tensor,
-    mask: Tensor,
+    kv_bits: Tensor,
+    q_bits: Tensor,
     block_size: int,
     first_q_block: int,
     tile_size: int,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
-    lists = (kv_num, kv_idx, q_num, q_idx, heads, group_table, mask)
+    lists = (kv_num, kv_idx, q_num, q_idx, heads, group_table, kv_bits, q_bits)
     index = index_from_tensors(lists, block_size, first_q_block, tile_size)
     return gravity_fwd(q, k, v, mass_log, kv_groups, index, eps)
 
@@ -65,13 +66,14 @@ def _bwd_op(
     q_idx: Tensor,
     heads: Tensor,
     group_table: Tensor,
-    mask: Tensor,
+    kv_bits: Tensor,
+    q_bits: Tensor,
     block_size: int,
     first_q_block: int,
     tile_size: int,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    lists = (kv_num, kv_idx, q_num, q_idx, heads, group_table, mask)
+    lists = (kv_num, kv_idx, q_num, q_idx, heads, group_table, kv_bits, q_bits)
     index = index_from_tensors(lists, block_size, first_q_block, tile_size)
     return gravity_bwd(dout, q, k, v, mass_log, kv_groups, out, lse, index, eps)
 
@@ -96,7 +98,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dout: Tensor, _dlse: Tensor):
     q, k, v, mass_log, kv_groups, out, lse, *lists = ctx.saved_tensors
     dq, dk, dv, dmass = _bwd_op(dout, q, k, v, mass_log, kv_groups, out, lse, *lists, *ctx.meta)
-    return (dq, dk, dv, dmass) + (None,) * 12
+    return (dq, dk, dv, dmass) + (None,) * 13
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)

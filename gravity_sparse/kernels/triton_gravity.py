@@ -60,16 +60,14 @@ def _softplus(x):
 
 
 @triton.jit
-def _block_bits(mask_h, smq, q_pos, k_pos, SK, MASK_BLOCK: tl.constexpr):
-    """Bool tile: the block mask of one head at (q_pos // MASK_BLOCK, k_pos // MASK_BLOCK).
+def _tile_bits(word, q_loc, k_loc, MASK_BLOCK: tl.constexpr, R: tl.constexpr):
+    """Bool tile of a partial hardware tile: is the mask block of (q_loc, k_loc) kept?
 
-    q_pos, k_pos: broadcastable position tiles. Read only on tiles that are not entirely kept; positions
-    past the sequence read the last block (their scores are masked anyway).
+    q_loc, k_loc: broadcastable positions inside the tile; word: the tile's bits (block_index), bit
+    (q_loc // MASK_BLOCK) · R + k_loc // MASK_BLOCK. Integer shifts only, no memory and no pointers.
     """
-    last = (SK - 1) // MASK_BLOCK
-    qb = tl.minimum(q_pos // MASK_BLOCK, last)
-    kb = tl.minimum(k_pos // MASK_BLOCK, last)
-    return tl.load(mask_h + qb * smq + kb) != 0
+    shift = (q_loc // MASK_BLOCK) * R + k_loc // MASK_BLOCK
+    return ((word >> shift) & 1) != 0
 
 
 @triton.jit
@@ -89,9 +87,9 @@ def _to_low(x, LOW: tl.constexpr, EMULATE: tl.constexpr):
 
 @triton.jit
 def _gravity_fwd_kernel(
-    Q, K, V, QN, KN, MASS_LOG, O, LSE, HEADS, KVG, KV_NUM, KV_IDX, MASK,
+    Q, K, V, QN, KN, MASS_LOG, O, LSE, HEADS, KVG, KV_NUM, KV_IDX, KV_BITS,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos, slb, slh, sknb, sknh,
-    s_num, s_idx_h, s_idx_q, smh, smq,
+    s_num, s_idx_h, s_idx_q,
     S, SK, D, Q_OFF, QB0, NQB_RUN, eps,
     BLOCK: tl.constexpr, MASK_BLOCK: tl.constexpr, TILE_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
@@ -113,6 +111,7 @@ def _gravity_fwd_kernel(
     kn_base = KN + b * sknb + kvh * sknh
     v_base = V + b * svb + kvh * svh
     idx_base = KV_IDX + h * s_idx_h + qb * s_idx_q
+    bits_base = KV_BITS + h * s_idx_h + qb * s_idx_q  # same layout as the index list
 
     m_i = tl.zeros([BLOCK], dtype=tl.float32)  # 0 is a valid start: every score is > 0
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
@@ -131,10 +130,12 @@ def _gravity_fwd_kernel(
         allowed = (offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :]
         if MASK_BLOCK < BLOCK:
             if e < 0:
-                bits = _block_bits(
-                    MASK + h * smh, smq, offs_m[:, None], offs_n[None, :], SK, MASK_BLOCK
+                word = tl.load(bits_base + it // SUB)
+                k_loc = (it % SUB) * TILE_N + tl.arange(0, TILE_N)
+                q_loc = tl.arange(0, BLOCK)
+                allowed = allowed & _tile_bits(
+                    word, q_loc[:, None], k_loc[None, :], MASK_BLOCK, BLOCK // MASK_BLOCK
                 )
-                allowed = allowed & bits
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -155,9 +156,9 @@ def _gravity_fwd_kernel(
 
 @triton.jit
 def _gravity_bwd_dq_kernel(
-    Q, K, V, QN, KN, MASS_LOG, DO, LSE, DELTA, DQ, DMASS, HEADS, KVG, KV_NUM, KV_IDX, MASK,
+    Q, K, V, QN, KN, MASS_LOG, DO, LSE, DELTA, DQ, DMASS, HEADS, KVG, KV_NUM, KV_IDX, KV_BITS,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos, sdqb, sdqh, sdqs,
-    sknb, sknh, slb, slh, smb, smh, s_num, s_idx_h, s_idx_q, s_mh, s_mq,
+    sknb, sknh, slb, slh, smb, smh, s_num, s_idx_h, s_idx_q,
     S, SK, D, Q_OFF, QB0, NQB_RUN, eps,
     BLOCK: tl.constexpr, MASK_BLOCK: tl.constexpr, TILE_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
@@ -185,6 +186,7 @@ def _gravity_bwd_dq_kernel(
     v_base = V + b * svb + kvh * svh
     kn_base = KN + b * sknb + kvh * sknh
     idx_base = KV_IDX + h * s_idx_h + qb * s_idx_q
+    bits_base = KV_BITS + h * s_idx_h + qb * s_idx_q  # same layout as the index list
 
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     g_rows = tl.zeros([BLOCK], dtype=tl.float32)
@@ -204,10 +206,12 @@ def _gravity_bwd_dq_kernel(
         allowed = (offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :]
         if MASK_BLOCK < BLOCK:
             if e < 0:
-                bits = _block_bits(
-                    MASK + h * s_mh, s_mq, offs_m[:, None], offs_n[None, :], SK, MASK_BLOCK
+                word = tl.load(bits_base + it // SUB)
+                k_loc = (it % SUB) * TILE_N + tl.arange(0, TILE_N)
+                q_loc = tl.arange(0, BLOCK)
+                allowed = allowed & _tile_bits(
+                    word, q_loc[:, None], k_loc[None, :], MASK_BLOCK, BLOCK // MASK_BLOCK
                 )
-                allowed = allowed & bits
         p = tl.where(allowed, tl.exp2(s * 1.4426950408889634 - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -224,9 +228,9 @@ def _gravity_bwd_dq_kernel(
 
 @triton.jit
 def _gravity_bwd_dkdv_kernel(
-    Q, K, V, QN, KN, MASS_LOG, DO, LSE, DELTA, DK, DV, GROUPS, Q_NUM, Q_IDX, MASK,
+    Q, K, V, QN, KN, MASS_LOG, DO, LSE, DELTA, DK, DV, GROUPS, Q_NUM, Q_IDX, Q_BITS,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos, sdkb, sdkh, sdks,
-    sdvb, sdvh, sdvs, sknb, sknh, slb, slh, s_num, s_idx_h, s_idx_k, s_grp, smh, smq,
+    sdvb, sdvh, sdvs, sknb, sknh, slb, slh, s_num, s_idx_h, s_idx_k, s_grp,
     S, SK, D, Q_OFF, GROUP_WIDTH, eps,
     BLOCK: tl.constexpr, MASK_BLOCK: tl.constexpr, TILE_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
@@ -259,6 +263,7 @@ def _gravity_bwd_dkdv_kernel(
             mass = _softplus(tl.load(MASS_LOG + h).to(tl.float32))
             mass2 = mass * mass
             idx_base = Q_IDX + h * s_idx_h + kb * s_idx_k
+            bits_base = Q_BITS + h * s_idx_h + kb * s_idx_k
             n_steps = tl.load(Q_NUM + h * s_num + kb) * SUB
             for it in range(0, n_steps):
                 e = tl.load(idx_base + it // SUB)
@@ -281,10 +286,12 @@ def _gravity_bwd_dkdv_kernel(
                 allowed = (offs_n[:, None] <= offs_m[None, :]) & row_ok[None, :] & col_ok[:, None]
                 if MASK_BLOCK < BLOCK:
                     if e < 0:
-                        bits = _block_bits(
-                            MASK + h * smh, smq, offs_m[None, :], offs_n[:, None], SK, MASK_BLOCK
+                        word = tl.load(bits_base + it // SUB)
+                        q_loc = (it % SUB) * TILE_N + tl.arange(0, TILE_N)
+                        k_loc = tl.arange(0, BLOCK)
+                        allowed = allowed & _tile_bits(
+                            word, q_loc[None, :], k_loc[:, None], MASK_BLOCK, BLOCK // MASK_BLOCK
                         )
-                        allowed = allowed & bits
                 p = tl.where(allowed, tl.exp2(s * 1.4426950408889634 - lse[None, :]), 0.0)
                 dv += tl.dot(_to_low(p, LOW, EMULATE), do, input_precision=PRECISION)
                 dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -310,18 +317,18 @@ KERNELS = {
     "fwd": (
         _gravity_fwd_kernel,
         dict(Q="io", K="io", V="io", QN="fp32", KN="fp32", MASS_LOG="fp32", O="io", LSE="fp32",
-             HEADS=_I32, KVG=_I32, KV_NUM=_I32, KV_IDX=_I32, MASK="i8"),
+             HEADS=_I32, KVG=_I32, KV_NUM=_I32, KV_IDX=_I32, KV_BITS=_I32),
     ),
     "dq": (
         _gravity_bwd_dq_kernel,
         dict(Q="io", K="io", V="io", QN="fp32", KN="fp32", MASS_LOG="fp32", DO="io", LSE="fp32",
              DELTA="fp32", DQ="io", DMASS="fp32", HEADS=_I32, KVG=_I32, KV_NUM=_I32, KV_IDX=_I32,
-             MASK="i8"),
+             KV_BITS=_I32),
     ),
     "dkdv": (
         _gravity_bwd_dkdv_kernel,
         dict(Q="io", K="io", V="io", QN="fp32", KN="fp32", MASS_LOG="fp32", DO="io", LSE="fp32",
-             DELTA="fp32", DK="io", DV="io", GROUPS=_I32, Q_NUM=_I32, Q_IDX=_I32, MASK="i8"),
+             DELTA="fp32", DK="io", DV="io", GROUPS=_I32, Q_NUM=_I32, Q_IDX=_I32, Q_BITS=_I32),
     ),
 }  # fmt: skip
 
@@ -373,13 +380,6 @@ def _launch_shape(index: BlockIndex, s: int, sk: int) -> tuple[int, int, int]:
     return q_off, qb0, (sk - 1) // tile - qb0 + 1
 
 
-def _mask_arg(index: BlockIndex) -> torch.Tensor:
-    """The block mask as int8 (same bytes, no copy); a 1-element dummy when no tile is partial."""
-    if index.mask is None:
-        return torch.zeros(1, 1, 1, dtype=torch.int8, device=index.heads.device)
-    return index.mask.view(torch.int8)
-
-
 def gravity_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -405,14 +405,13 @@ def gravity_fwd(
     q_off, qb0, nqb_run = _launch_shape(index, s, sk)
     meta, cfg = kernel_meta("fwd", dtype, index.block_size, d, emulate)
     assert cfg.tile_m == index.tile, (cfg.tile_m, index.tile)
-    kv_num, kv_idx, _, _ = index.tile_lists()
-    mask = _mask_arg(index)
+    kv_num, kv_idx, kv_bits, _, _, _ = index.tile_lists()
     _gravity_fwd_kernel[(nqb_run, n_heads, bsz)](
-        q, k, v, qn, kn, mass_log, out, lse, index.heads, kv_groups, kv_num, kv_idx, mask,
+        q, k, v, qn, kn, mass_log, out, lse, index.heads, kv_groups, kv_num, kv_idx, kv_bits,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), kn.stride(0), kn.stride(1),
-        kv_num.stride(0), kv_idx.stride(0), kv_idx.stride(1), mask.stride(0), mask.stride(1),
+        kv_num.stride(0), kv_idx.stride(0), kv_idx.stride(1),
         s, sk, d, q_off, qb0, nqb_run, float(eps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )  # fmt: skip
@@ -446,32 +445,31 @@ def gravity_bwd(
     q, k, v, dout = (t.to(work).contiguous() for t in (q, k, v, dout))
     qn, kn = squared_norms(q), squared_norms(k)
     q_off, qb0, nqb_run = _launch_shape(index, s, sk)
-    kv_num, kv_idx, q_num, q_idx = index.tile_lists()
-    mask = _mask_arg(index)
+    kv_num, kv_idx, kv_bits, q_num, q_idx, q_bits = index.tile_lists()
     nt = kv_num.shape[1]  # tiles (= blocks when the tile is the mask block)
     dmass_part = torch.zeros(bsz, hq, nt, device=q.device, dtype=torch.float32)
     meta, cfg = kernel_meta("dq", dtype, index.block_size, d, emulate)
     _gravity_bwd_dq_kernel[(nqb_run, n_heads, bsz)](
         q, k, v, qn, kn, mass_log, dout, lse, delta, dq, dmass_part,
-        index.heads, kv_groups, kv_num, kv_idx, mask,
+        index.heads, kv_groups, kv_num, kv_idx, kv_bits,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), kn.stride(0), kn.stride(1),
         lse.stride(0), lse.stride(1), dmass_part.stride(0), dmass_part.stride(1),
-        kv_num.stride(0), kv_idx.stride(0), kv_idx.stride(1), mask.stride(0), mask.stride(1),
+        kv_num.stride(0), kv_idx.stride(0), kv_idx.stride(1),
         s, sk, d, q_off, qb0, nqb_run, float(eps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )  # fmt: skip
     meta, cfg = kernel_meta("dkdv", dtype, index.block_size, d, emulate)
     _gravity_bwd_dkdv_kernel[(nt, hkv, bsz)](
         q, k, v, qn, kn, mass_log, dout, lse, delta, dk, dv,
-        index.group_table, q_num, q_idx, mask,
+        index.group_table, q_num, q_idx, q_bits,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         kn.stride(0), kn.stride(1), lse.stride(0), lse.stride(1),
         q_num.stride(0), q_idx.stride(0), q_idx.stride(1),
-        index.group_table.stride(0), mask.stride(0), mask.stride(1),
+        index.group_table.stride(0),
         s, sk, d, q_off, index.group_table.shape[1], float(eps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )  # fmt: skip

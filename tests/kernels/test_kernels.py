@@ -340,12 +340,22 @@ def test_small_mask_blocks_run_in_64_row_tiles(block: int) -> None:
         mask, None, groups, num_kv_heads=hkv, seq_len_q=s, seq_len_k=s, block_size=block
     )
     assert index.tile == 64
-    kv_num, kv_idx, _, _ = index.tile_lists()
+    kv_num, kv_idx, kv_bits, *_ = index.tile_lists()
     nt = -(-s // 64)
     assert kv_num.shape == (hq, nt)
     head0 = [kv_idx[0, t, : kv_num[0, t]].tolist() for t in range(nt)]
     assert head0 == [list(range(t + 1)) for t in range(nt)]  # all kept: every tile full (>= 0)
     assert (kv_idx[1][kv_idx[1] < 0]).numel() > 0  # the random head has partial tiles
+    r = 64 // block
+    for t in range(nt):  # each listed tile's bits are its kept (query block, key block) pairs
+        for j in range(int(kv_num[1, t])):
+            e = int(kv_idx[1, t, j])
+            kt = -e - 1 if e < 0 else e
+            for qs in range(r):
+                for ks in range(r):
+                    qb, kb = t * r + qs, kt * r + ks
+                    kept = qb < nb and kb < nb and bool(index.mask[1, qb, kb])
+                    assert bool(int(kv_bits[1, t, j]) >> (qs * r + ks) & 1) == kept
 
     q, k, v, mass_log = make_inputs(1, hq, hkv, s, s, gen)
     leaves = [t.requires_grad_() for t in (q, k, v, mass_log)]
