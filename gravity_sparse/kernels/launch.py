@@ -94,17 +94,21 @@ def prefill_launch(kernel: str, dtype: torch.dtype, block: int, head_dim: int) -
     Chosen from the sm_90a compile report (registers, spills, shared memory); sm_80 gets the same.
     """
     check_supported(dtype, block, head_dim, gpu=False)  # the launchers check the GPU limits
-    cfg = _prefill_choice(kernel, dtype, prefill_tile(block), block_d(head_dim) > 64)
+    cfg = _prefill_choice(kernel, dtype, prefill_tile(block), block_d(head_dim) > 64, block)
     return LaunchConfig(cfg.num_warps, cfg.num_stages, cfg.tile_n, prefill_tile(block))
 
 
-def _prefill_choice(kernel: str, dtype: torch.dtype, tile: int, wide: bool) -> LaunchConfig:
+def _prefill_choice(
+    kernel: str, dtype: torch.dtype, tile: int, wide: bool, block: int
+) -> LaunchConfig:
     if dtype == torch.float32:
         # IEEE dots hold 3x the operands: small inner tiles, no multi-stage buffers
         return LaunchConfig(num_warps=4, num_stages=1, tile_n=32)
     if kernel == "fwd":
         if tile == 128:
             return LaunchConfig(num_warps=8, num_stages=2, tile_n=64 if wide else 128)
+        if wide and block < tile:  # the partial-tile mask words cost registers: 4 warps spill
+            return LaunchConfig(num_warps=8, num_stages=3, tile_n=64)
         return LaunchConfig(num_warps=4, num_stages=3, tile_n=64)
     if kernel == "dq":
         if tile == 128:
