@@ -368,3 +368,16 @@ def test_small_mask_blocks_run_in_64_row_tiles(block: int) -> None:
     got = torch.autograd.grad(out, leaves, grad_out)
     for name, g, w in zip(("dq", "dk", "dv", "d mass_log"), got, want, strict=True):
         assert_close(f"block {block} {name}", g, w, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block", [16, 32, 64, 128])
+@pytest.mark.parametrize("d", [64, 128])
+def test_flex_kernel_options_divide_the_mask_block(block: int, d: int) -> None:
+    """torch rejects FlexAttention tiles that do not divide the BlockMask's block (its sm_90 default
+    forward tile is 128 rows, which a 64-row mask block rejects)."""
+    from gravity_sparse.kernels.flex import flex_kernel_options
+
+    opts = flex_kernel_options(block, d)
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"):
+        assert block % opts[key] == 0 and opts[key] >= 16, (key, opts[key])
+    assert opts["BLOCK_N1"] % opts["BLOCK_M1"] == 0 and opts["BLOCK_M2"] % opts["BLOCK_N2"] == 0
