@@ -287,11 +287,20 @@ def _gravity_bwd_dkdv_kernel(
                 if MASK_BLOCK < BLOCK:
                     if e < 0:
                         word = tl.load(bits_base + it // SUB)
-                        q_loc = (it % SUB) * TILE_N + tl.arange(0, TILE_N)
                         k_loc = tl.arange(0, BLOCK)
-                        allowed = allowed & _tile_bits(
-                            word, q_loc[None, :], k_loc[:, None], MASK_BLOCK, BLOCK // MASK_BLOCK
-                        )
+                        if TILE_N <= MASK_BLOCK:  # the step sits in one query block: a key vector
+                            q_loc = (it % SUB) * TILE_N
+                            bits = _tile_bits(word, q_loc, k_loc, MASK_BLOCK, BLOCK // MASK_BLOCK)
+                            allowed = allowed & bits[:, None]
+                        else:
+                            q_loc = (it % SUB) * TILE_N + tl.arange(0, TILE_N)
+                            allowed = allowed & _tile_bits(
+                                word,
+                                q_loc[None, :],
+                                k_loc[:, None],
+                                MASK_BLOCK,
+                                BLOCK // MASK_BLOCK,
+                            )
                 p = tl.where(allowed, tl.exp2(s * 1.4426950408889634 - lse[None, :]), 0.0)
                 dv += tl.dot(_to_low(p, LOW, EMULATE), do, input_precision=PRECISION)
                 dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
