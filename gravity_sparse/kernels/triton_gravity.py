@@ -4,10 +4,12 @@
 
 over the kept key blocks of each (head, query block) (lists from `block_index`), causal, queries at the
 last S of Sk positions. q (B, Hq, S, D); k, v (B, Hkv, Sk, D); kv_groups (Hq,) maps query heads to KV
-heads, so K/V are never repeated in memory. One program per (query block, kept head, batch); dropped heads
-are not launched and their output stays zero. A program's rows are one mask block; its inner loop walks
-the kept blocks in TILE_N-wide pieces (`launch.py` picks TILE_N, num_warps and num_stages per
-configuration, and refuses configurations that cannot launch).
+heads, so K/V are never repeated in memory. One program per (query tile, kept head, batch); dropped heads
+are not launched and their output stays zero. A tile is the mask block from 64 rows up; mask blocks of 16
+and 32 are gathered into 64-row tiles (`BlockIndex.tile_lists`), so every dot is a 64/128-row wgmma tile,
+and the block mask is applied per element only on tiles that are not entirely kept (a 16-bit word per
+listed tile). The inner loop walks the kept tiles in TILE_N-wide pieces (`launch.py` picks TILE_N,
+num_warps and num_stages per configuration, and refuses configurations that cannot launch).
 
 Numerics: d² = ‖q‖² + ‖k‖² − 2 q·k with the squared norms in fp32 from the unshifted inputs (exact for
 16-bit inputs) and q·k a tensor-core dot of the unshifted inputs with fp32 accumulation, clamped at 0.
