@@ -41,8 +41,9 @@ def _gravity_decode_kernel(
     Q, K, V, MASS_LOG, MASK, GROUPS, DEC_NUM, DEC_IDX, O_PART, L_PART,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
     smh, smq, s_grp, s_dec, sob, soh, sos, sor, slb, slh, sls,
-    T, SK, D, Q_OFF, GROUP_WIDTH, PER_SPLIT, eps,
+    T, SK, Q_OFF, GROUP_WIDTH, PER_SPLIT, eps,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, TILE_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr,
     PRECISION: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     SUB: tl.constexpr = BLOCK // TILE_N
@@ -107,8 +108,8 @@ def _gravity_decode_kernel(
 def _gravity_decode_merge_kernel(
     O_PART, L_PART, OUT, GROUPS,
     sob, soh, sos, sor, slb, slh, sls, s_outb, s_outh, s_outs, s_grp,
-    T, D, GROUP_WIDTH, NUM_SPLITS,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    T, GROUP_WIDTH, NUM_SPLITS,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
     """Weighted sum of the splits of one (KV head, batch), written to each row's (head, token)."""
     kvh = tl.program_id(0)
@@ -169,6 +170,7 @@ def kernel_meta(
         BLOCK=block,
         TILE_N=cfg.tile_n,
         BLOCK_D=block_d(head_dim),
+        D=head_dim,
         PRECISION="ieee" if emulate else precision(dtype),
         LOW=_TL_DTYPES[dtype],
         EMULATE=emulate,
@@ -178,7 +180,7 @@ def kernel_meta(
 
 def merge_meta(head_dim: int, rows: int) -> tuple[dict, LaunchConfig]:
     """Constexprs and launch parameters of the merge kernel."""
-    return dict(ROWS=rows, BLOCK_D=block_d(head_dim)), merge_launch()
+    return dict(ROWS=rows, BLOCK_D=block_d(head_dim), D=head_dim), merge_launch()
 
 
 def gravity_decode(
@@ -219,7 +221,7 @@ def gravity_decode(
         mask.stride(0), mask.stride(1), table.stride(0), index.dec_idx.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         l_part.stride(0), l_part.stride(1), l_part.stride(2),
-        t, sk, d, sk - t, width, per_split, float(eps),
+        t, sk, sk - t, width, per_split, float(eps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )  # fmt: skip
     meta, cfg = merge_meta(d, rows)
@@ -228,7 +230,7 @@ def gravity_decode(
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         l_part.stride(0), l_part.stride(1), l_part.stride(2),
         out.stride(0), out.stride(1), out.stride(2), table.stride(0),
-        t, d, width, splits,
+        t, width, splits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )  # fmt: skip
     return out.to(dtype)

@@ -92,8 +92,9 @@ def _gravity_fwd_kernel(
     Q, K, V, QN, KN, MASS_LOG, O, LSE, HEADS, KVG, KV_NUM, KV_IDX, KV_BITS,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos, slb, slh, sknb, sknh,
     s_num, s_idx_h, s_idx_q,
-    S, SK, D, Q_OFF, QB0, NQB_RUN, eps,
+    S, SK, Q_OFF, QB0, NQB_RUN, eps,
     BLOCK: tl.constexpr, MASK_BLOCK: tl.constexpr, TILE_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr,
     PRECISION: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     SUB: tl.constexpr = BLOCK // TILE_N
@@ -161,8 +162,9 @@ def _gravity_bwd_dq_kernel(
     Q, K, V, QN, KN, MASS_LOG, DO, LSE, DELTA, DQ, DMASS, HEADS, KVG, KV_NUM, KV_IDX, KV_BITS,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos, sdqb, sdqh, sdqs,
     sknb, sknh, slb, slh, smb, smh, s_num, s_idx_h, s_idx_q,
-    S, SK, D, Q_OFF, QB0, NQB_RUN, eps,
+    S, SK, Q_OFF, QB0, NQB_RUN, eps,
     BLOCK: tl.constexpr, MASK_BLOCK: tl.constexpr, TILE_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr,
     PRECISION: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     """dq of one (query block, head, batch), and its share of Σ dS·s for the mass gradient."""
@@ -233,8 +235,9 @@ def _gravity_bwd_dkdv_kernel(
     Q, K, V, QN, KN, MASS_LOG, DO, LSE, DELTA, DK, DV, GROUPS, Q_NUM, Q_IDX, Q_BITS,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos, sdkb, sdkh, sdks,
     sdvb, sdvh, sdvs, sknb, sknh, slb, slh, s_num, s_idx_h, s_idx_k, s_grp,
-    S, SK, D, Q_OFF, GROUP_WIDTH, eps,
+    S, SK, Q_OFF, GROUP_WIDTH, eps,
     BLOCK: tl.constexpr, MASK_BLOCK: tl.constexpr, TILE_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr,
     PRECISION: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     """dk, dv of one (key block, KV head, batch), summed over the kept query heads of the group.
@@ -365,6 +368,7 @@ def kernel_meta(
         MASK_BLOCK=block,
         TILE_N=cfg.tile_n,
         BLOCK_D=block_d(head_dim),
+        D=head_dim,
         PRECISION="ieee" if emulate else precision(dtype),
         LOW=_TL_DTYPES[dtype],
         EMULATE=emulate,
@@ -423,7 +427,7 @@ def gravity_fwd(
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), kn.stride(0), kn.stride(1),
         kv_num.stride(0), kv_idx.stride(0), kv_idx.stride(1),
-        s, sk, d, q_off, qb0, nqb_run, float(eps),
+        s, sk, q_off, qb0, nqb_run, float(eps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )  # fmt: skip
     return out.to(dtype), lse
@@ -468,7 +472,7 @@ def gravity_bwd(
         dq.stride(0), dq.stride(1), dq.stride(2), kn.stride(0), kn.stride(1),
         lse.stride(0), lse.stride(1), dmass_part.stride(0), dmass_part.stride(1),
         kv_num.stride(0), kv_idx.stride(0), kv_idx.stride(1),
-        s, sk, d, q_off, qb0, nqb_run, float(eps),
+        s, sk, q_off, qb0, nqb_run, float(eps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )  # fmt: skip
     meta, cfg = kernel_meta("dkdv", dtype, index.block_size, d, emulate)
@@ -481,7 +485,7 @@ def gravity_bwd(
         kn.stride(0), kn.stride(1), lse.stride(0), lse.stride(1),
         q_num.stride(0), q_idx.stride(0), q_idx.stride(1),
         index.group_table.stride(0),
-        s, sk, d, q_off, index.group_table.shape[1], float(eps),
+        s, sk, q_off, index.group_table.shape[1], float(eps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )  # fmt: skip
     # ∂L/∂mass_log = Σ dS·s · 2/M · sigmoid(mass_log)
