@@ -117,6 +117,62 @@ def per_element(d: int, mode: str, rcp: str = "mufu") -> dict[str, float]:
     return out
 
 
+HBM_BYTES_PER_CLK_SM = {"H100 SXM": 3.35e12 / (132 * 1.83e9), "H200": 4.8e12 / (132 * 1.83e9)}
+
+
+def _per_element(cost: LoopCost) -> tuple[float, float, float]:
+    """(tensor, overlapped, serial) cycles per score element of a loop step."""
+    n = cost.m * cost.n
+    busy = max(cost.tensor, cost.mufu, cost.fp32, cost.alu, cost.issue)
+    serial = cost.tensor + cost.mufu + cost.fp32 + cost.alu
+    return cost.tensor / n, busy / n, serial / n
+
+
+def predicted_section(results: list) -> list[str]:
+    """Predicted fraction of H100/H200 peak per (D, block): fwd, fwd+bwd (fwd + dq + dkdv, each
+    kernel's units overlapped, kernels in sequence) and decode (fraction of HBM bandwidth)."""
+    by = {}
+    for r in results:
+        if r.ok and r.arch == 90 and r.dtype == "bf16":
+            cost = loop_cost(r)
+            if cost is not None:
+                by[(r.kernel, r.head_dim, r.block, r.rows)] = (r, cost)
+    lines = [
+        "",
+        "Predicted attainable fraction of peak (bf16, sm_90a SASS; upper bounds, see above). fwd and "
+        "fwd+bwd: of the dense bf16 tensor peak, overlap / serial; fwd+bwd adds the dq and dk/dv "
+        "kernels (9 dots per score instead of 2). decode: of HBM bandwidth (K and V bytes) at the "
+        "decode tile of 8 heads x 1 token (rows 16), H100 / H200; < 1 means the loop's instructions, "
+        "not memory, set the speed.",
+        "",
+        "| D | block | fwd | fwd+bwd | decode H100 | decode H200 | bound (fwd, dq, dkdv) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    dims = sorted({(d, b) for (_, d, b, _) in by})
+    for d, block in dims:
+        parts = [by.get((k, d, block, 0)) for k in ("fwd", "dq", "dkdv")]
+        if any(p is None for p in parts):
+            continue
+        per = [_per_element(c) for _, c in parts]
+        fwd = f"{per[0][0] / per[0][1]:.2f} / {per[0][0] / per[0][2]:.2f}"
+        tensor = sum(p[0] for p in per)
+        both = f"{tensor / sum(p[1] for p in per):.2f} / {tensor / sum(p[2] for p in per):.2f}"
+        dec = by.get(("decode", d, block, 16))
+        dec_cols = ["-", "-"]
+        if dec is not None:
+            r, cost = dec
+            busy = max(cost.tensor, cost.mufu, cost.fp32, cost.alu, cost.issue)
+            key_bytes = 2 * 2 * d  # K and V rows, bf16
+            for i, dev in enumerate(("H100 SXM", "H200")):
+                mem = cost.n * key_bytes / HBM_BYTES_PER_CLK_SM[dev]  # cycles to stream the keys
+                dec_cols[i] = f"{min(1.0, mem / busy):.2f}"
+        bounds = ", ".join(c.bound() for _, c in parts)
+        lines.append(
+            f"| {d} | {block} | {fwd} | {both} | {dec_cols[0]} | {dec_cols[1]} | {bounds} |"
+        )
+    return lines
+
+
 def perf_section(results: list) -> list[str]:
     """Markdown lines of the performance model for the compile report."""
     lines = [
@@ -149,6 +205,7 @@ def perf_section(results: list) -> list[str]:
             f"{cost.tensor:.0f} | {cost.mufu:.0f} | {cost.fp32:.0f} | {cost.issue:.0f} | "
             f"{cost.bound()} | {cost.overlap():.2f} | {cost.serial():.2f} |"
         )
+    lines += predicted_section(results)
     lines += [
         "",
         "Per score element, ideal code (analytic, cycles per SM; overlap / serial fraction of peak):",

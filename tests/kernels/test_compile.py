@@ -99,5 +99,29 @@ def test_every_supported_config_has_launch_parameters() -> None:
     for dtype, block, d in configs:
         for kernel in ("fwd", "dq", "dkdv"):
             cfg = prefill_launch(kernel, dtype, block, d)
-            assert block % cfg.tile_n == 0 and cfg.tile_n >= 16
+            assert cfg.tile_m == max(block, 64) and cfg.tile_m % cfg.tile_n == 0
+            assert cfg.tile_n >= 16
             assert cfg.num_warps in (4, 8) and 1 <= cfg.num_stages <= 4
+
+
+def test_perf_model_counts_and_the_reciprocal_cost() -> None:
+    from gravity_sparse.kernels.compile_check import CompileResult
+    from gravity_sparse.kernels.perf_model import loop_cost, per_element, perf_section
+
+    # exp + reciprocal per score: MUFU-bound at D = 64 (half the tensor peak), exp-only is not
+    e = per_element(64, "fwd")
+    assert e["gravity"]["overlap"] == pytest.approx(0.5)
+    assert e["flash (exp only)"]["overlap"] == pytest.approx(1.0)
+    assert per_element(64, "fwd", "newton")["gravity"]["overlap"] > 0.5
+    # a 64 x 64 forward step at D = 128, 4 warps: 32 rcp + 32 exp per thread
+    r = CompileResult(
+        kernel="fwd", arch=90, dtype="bf16", block=64, head_dim=128, rows=0, num_warps=4,
+        num_stages=3, tile_n=64, tile_m=64, ok=True,
+        loop_sass={"HGMMA": 12, "MUFU": 64, "FFMA": 32, "FMUL": 64, "ALL": 600},
+    )  # fmt: skip
+    cost = loop_cost(r)
+    assert cost.tensor == pytest.approx(2 * 2 * 64 * 64 * 128 / 4096)
+    assert cost.mufu == pytest.approx(64 * 128 / 16)
+    assert cost.bound() == "issue" and 0 < cost.overlap() <= 1
+    text = "\n".join(perf_section([r]))
+    assert "| fwd | bf16 | 64 | 128 | 64 x 64 | 4 |" in text
