@@ -120,7 +120,7 @@ echo "| environment | ok | 0 | env.txt |" >>"$SUMMARY"
 if "$PY" -c "import dimod, dwave.samplers" 2>/dev/null; then
     skip "install dimod/dwave-samplers" "already installed"
 elif compgen -G "benchmarks/wheels/*.whl" >/dev/null; then
-    step "install dimod/dwave-samplers" 120 "$OUT/pip-wheels.txt" \
+    step "install dimod/dwave-samplers" 60 "$OUT/pip-wheels.txt" \
         "$PY" -m pip install --no-index --find-links benchmarks/wheels dimod dwave-samplers
 else
     skip "install dimod/dwave-samplers" "no wheels in benchmarks/wheels (see the pip download step)"
@@ -130,7 +130,7 @@ fi
 ONLY=()
 [[ $SMOKE == 1 ]] && ONLY=(--kernels fwd)
 step "compile check sm_90a" 45 "$OUT/compile-log.txt" \
-    env -u TRITON_INTERPRET "$PY" -m gravity_sparse.kernels.compile_check --arch 90 --quiet \
+    env -u TRITON_INTERPRET "$PY" -m gravity_sparse.kernels.compile_check --arch 90 --quiet --jobs 2 \
     --out "$OUT/compile.md" "${ONLY[@]}"
 
 if [[ $SMOKE == 1 ]]; then
