@@ -102,8 +102,11 @@ def _prefill_choice(
     kernel: str, dtype: torch.dtype, tile: int, wide: bool, block: int
 ) -> LaunchConfig:
     if dtype == torch.float32:
-        # IEEE dots hold 3x the operands: small inner tiles, no multi-stage buffers
-        return LaunchConfig(num_warps=4, num_stages=1, tile_n=32)
+        # IEEE dots run on the FMA pipe with their operands in registers: small inner tiles, no
+        # multi-stage buffers, and 8 warps for the backward (4 warps or 32-wide steps spill 1-3 KB)
+        if kernel == "fwd":
+            return LaunchConfig(num_warps=4, num_stages=1, tile_n=32)
+        return LaunchConfig(num_warps=8, num_stages=1, tile_n=16)
     if kernel == "fwd":
         if tile == 128:
             return LaunchConfig(num_warps=8, num_stages=2, tile_n=64 if wide else 128)
@@ -134,6 +137,8 @@ def decode_launch(dtype: torch.dtype, block: int, head_dim: int, rows: int) -> L
     """Launch parameters of the split-KV decode kernel (tile_n: keys per step, a divisor of block)."""
     check_supported(dtype, block, head_dim, gpu=False)
     if dtype == torch.float32:
+        if rows >= 64:
+            return LaunchConfig(num_warps=8, num_stages=1, tile_n=16)
         return LaunchConfig(num_warps=4, num_stages=1, tile_n=min(block, 32))
     if rows >= 128:
         return LaunchConfig(num_warps=8, num_stages=2, tile_n=min(block, 64))
