@@ -103,16 +103,16 @@ def _signature(fn, io_dtype: str, pointers: dict[str, str], constexprs: dict, fl
     return sig, attrs
 
 
-def _specs(kernel: str, dtype: torch.dtype, block: int, head_dim: int, rows: int):
+def _specs(kernel: str, dtype: torch.dtype, block: int, head_dim: int, rows: int, arch: int):
     """(jit function, pointer types, constexprs, launch config) of one kernel configuration."""
     from . import triton_decode, triton_gravity
 
     if kernel in ("fwd", "dq", "dkdv"):
         fn, pointers = triton_gravity.KERNELS[kernel]
-        constexprs, cfg = triton_gravity.kernel_meta(kernel, dtype, block, head_dim)
+        constexprs, cfg = triton_gravity.kernel_meta(kernel, dtype, block, head_dim, arch=arch)
     elif kernel == "decode":
         fn, pointers = triton_decode.KERNELS[kernel]
-        constexprs, cfg = triton_decode.kernel_meta(dtype, block, head_dim, rows)
+        constexprs, cfg = triton_decode.kernel_meta(dtype, block, head_dim, rows, arch=arch)
     elif kernel == "merge":
         fn, pointers = triton_decode.KERNELS[kernel]
         constexprs, cfg = triton_decode.merge_meta(head_dim, rows)
@@ -203,7 +203,7 @@ def compile_one(kernel: str, dtype: torch.dtype, block: int, head_dim: int, arch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, pointers, constexprs, picked = _specs(kernel, dtype, block, head_dim, rows)
+    fn, pointers, constexprs, picked = _specs(kernel, dtype, block, head_dim, rows, arch)
     cfg = cfg or picked
     res = CompileResult(
         kernel=kernel, arch=arch, dtype=DTYPE_NAMES[dtype], block=block, head_dim=head_dim,

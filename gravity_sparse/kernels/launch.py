@@ -88,14 +88,43 @@ def check_supported(dtype: torch.dtype, block: int, head_dim: int, gpu: bool = T
         )
 
 
-def prefill_launch(kernel: str, dtype: torch.dtype, block: int, head_dim: int) -> LaunchConfig:
+def device_arch(device: torch.device) -> int:
+    """The table a device launches from: 90 for Hopper and newer (and the CPU interpreter), 80 below."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def prefill_launch(
+    kernel: str, dtype: torch.dtype, block: int, head_dim: int, arch: int = 90
+) -> LaunchConfig:
     """Launch parameters of a prefill kernel ("fwd", "dq" or "dkdv") for one configuration.
 
-    Chosen from the sm_90a compile report (registers, spills, shared memory); sm_80 gets the same.
+    Chosen from the compile report (registers, spills, shared memory) of sm_90a, and of sm_80 where its
+    mma.sync register layout needs more warps than wgmma (arch 80).
     """
     check_supported(dtype, block, head_dim, gpu=False)  # the launchers check the GPU limits
-    cfg = _prefill_choice(kernel, dtype, prefill_tile(block), block_d(head_dim) > 64, block)
-    return LaunchConfig(cfg.num_warps, cfg.num_stages, cfg.tile_n, prefill_tile(block))
+    wide = block_d(head_dim) > 64
+    tile = prefill_tile(block)
+    cfg = _prefill_choice(kernel, dtype, tile, wide, block)
+    cfg = LaunchConfig(cfg.num_warps, cfg.num_stages, cfg.tile_n, tile)
+    if arch < 90 and dtype != torch.float32:
+        cfg = _sm80_override(kernel, cfg, wide)
+    return cfg
+
+
+def _sm80_override(kernel: str, cfg: LaunchConfig, wide: bool) -> LaunchConfig:
+    """sm_80: mma.sync keeps both dot operands in registers, so the backward needs 8 warps, 16-query
+    steps at 128 x 128, and dk/dv programs of 64 keys (half a 128-key tile) at head_dim 128."""
+    tile = cfg.tile_m
+    if kernel == "dq":
+        tile_n = 16 if (wide and tile == 128) else min(cfg.tile_n, 32)
+        return LaunchConfig(8, min(cfg.num_stages, 2), tile_n, tile)
+    if kernel == "dkdv":
+        keys = 64 if wide else tile
+        return LaunchConfig(8, min(cfg.num_stages, 2), min(cfg.tile_n, 32), keys)
+    return cfg
 
 
 def _prefill_choice(
@@ -133,7 +162,9 @@ def decode_rows(group_width: int, num_tokens: int) -> int:
     return max(16, 1 << (max(group_width * num_tokens, 1) - 1).bit_length())
 
 
-def decode_launch(dtype: torch.dtype, block: int, head_dim: int, rows: int) -> LaunchConfig:
+def decode_launch(
+    dtype: torch.dtype, block: int, head_dim: int, rows: int, arch: int = 90
+) -> LaunchConfig:
     """Launch parameters of the split-KV decode kernel (tile_n: keys per step, a divisor of block)."""
     check_supported(dtype, block, head_dim, gpu=False)
     if dtype == torch.float32:
@@ -145,9 +176,12 @@ def decode_launch(dtype: torch.dtype, block: int, head_dim: int, rows: int) -> L
     return LaunchConfig(num_warps=4, num_stages=3, tile_n=min(block, 64))
 
 
-def merge_launch() -> LaunchConfig:
-    """The decode merge kernel: a few rows, no dots."""
-    return LaunchConfig(num_warps=4, num_stages=1, tile_n=0)
+def merge_launch(head_dim: int, rows: int) -> LaunchConfig:
+    """The decode merge kernel: no dots, but a rows x head_dim fp32 accumulator and partial output in
+    registers: enough warps for ≤ 64 fp32 values of each per thread."""
+    per_warp = 32 * 64
+    warps = min(16, max(4, 1 << (-(-rows * block_d(head_dim) // per_warp) - 1).bit_length()))
+    return LaunchConfig(num_warps=warps, num_stages=1, tile_n=0)
 
 
 def supported_configs(

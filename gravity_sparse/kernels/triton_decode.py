@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .block_index import BlockIndex
-from .launch import LaunchConfig, block_d, decode_launch, decode_rows, merge_launch
+from .launch import LaunchConfig, block_d, decode_launch, decode_rows, device_arch, merge_launch
 from .triton_gravity import _TL_DTYPES, _prepare, _to_low, precision
 
 MIN_BLOCKS_PER_SPLIT = 4
@@ -161,10 +161,10 @@ KERNELS = {
 
 
 def kernel_meta(
-    dtype: torch.dtype, block: int, head_dim: int, rows: int, emulate: bool = False
+    dtype: torch.dtype, block: int, head_dim: int, rows: int, emulate: bool = False, arch: int = 90
 ) -> tuple[dict, LaunchConfig]:
     """Constexprs and launch parameters of the decode kernel (launcher and compile check)."""
-    cfg = decode_launch(dtype, block, head_dim, rows)
+    cfg = decode_launch(dtype, block, head_dim, rows, arch)
     constexprs = dict(
         ROWS=rows,
         BLOCK=block,
@@ -180,7 +180,7 @@ def kernel_meta(
 
 def merge_meta(head_dim: int, rows: int) -> tuple[dict, LaunchConfig]:
     """Constexprs and launch parameters of the merge kernel."""
-    return dict(ROWS=rows, BLOCK_D=block_d(head_dim), D=head_dim), merge_launch()
+    return dict(ROWS=rows, BLOCK_D=block_d(head_dim), D=head_dim), merge_launch(head_dim, rows)
 
 
 def gravity_decode(
@@ -213,7 +213,7 @@ def gravity_decode(
     mask = index.mask.view(torch.int8)  # same bytes as the bool mask, no copy
     o_part = torch.empty(bsz, hkv, splits, rows, d, device=q.device, dtype=torch.float32)
     l_part = torch.empty(bsz, hkv, splits, rows, device=q.device, dtype=torch.float32)
-    meta, cfg = kernel_meta(dtype, index.block_size, d, rows, emulate)
+    meta, cfg = kernel_meta(dtype, index.block_size, d, rows, emulate, device_arch(q.device))
     _gravity_decode_kernel[(splits, hkv, bsz)](
         q, k, v, mass_log, mask, table, index.dec_num, index.dec_idx, o_part, l_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -42,7 +42,14 @@ import triton.language as tl
 from torch.nn import functional as F
 
 from .block_index import BlockIndex
-from .launch import LaunchConfig, block_d, check_supported, prefill_launch
+from .launch import (
+    LaunchConfig,
+    block_d,
+    check_supported,
+    device_arch,
+    prefill_launch,
+    prefill_tile,
+)
 
 LOG2E = 1.4426950408889634
 EMPTY_LSE = 1.0e30  # log-sum-exp of a row that sees no key: every exp2(s − lse) is 0
@@ -237,18 +244,21 @@ def _gravity_bwd_dkdv_kernel(
     sdvb, sdvh, sdvs, sknb, sknh, slb, slh, s_num, s_idx_h, s_idx_k, s_grp,
     S, SK, Q_OFF, GROUP_WIDTH, eps,
     BLOCK: tl.constexpr, MASK_BLOCK: tl.constexpr, TILE_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    D: tl.constexpr,
+    D: tl.constexpr, KEY_TILE: tl.constexpr,
     PRECISION: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv of one (key block, KV head, batch), summed over the kept query heads of the group.
+    """dk, dv of KEY_TILE keys of one (key tile, KV head, batch), summed over the kept query heads of
+    the group (KEY_TILE divides the tile: sm_80 splits 128-key tiles in two to stay in registers).
 
-    The inner loop walks the kept query blocks in TILE_N-row pieces.
+    The inner loop walks the kept query tiles in TILE_N-row pieces.
     """
     SUB: tl.constexpr = BLOCK // TILE_N
-    kb = tl.program_id(0)
+    SUBK: tl.constexpr = BLOCK // KEY_TILE
+    kb = tl.program_id(0) // SUBK
+    k_off = (tl.program_id(0) % SUBK) * KEY_TILE
     kvh = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+    offs_n = kb * BLOCK + k_off + tl.arange(0, KEY_TILE)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
     col_ok = offs_n < SK
@@ -259,9 +269,9 @@ def _gravity_bwd_dkdv_kernel(
     v = _load_rows(V + b * svb + kvh * svh + offs_n[:, None] * svs + offs_d[None, :],
                    col_ok, offs_d, D)  # fmt: skip
 
-    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    g_cols = tl.zeros([BLOCK], dtype=tl.float32)
+    dk = tl.zeros([KEY_TILE, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([KEY_TILE, BLOCK_D], dtype=tl.float32)
+    g_cols = tl.zeros([KEY_TILE], dtype=tl.float32)
     for gi in range(0, GROUP_WIDTH):
         h = tl.load(GROUPS + kvh * s_grp + gi)
         if h >= 0:
@@ -292,7 +302,7 @@ def _gravity_bwd_dkdv_kernel(
                 if MASK_BLOCK < BLOCK:
                     if e < 0:
                         word = tl.load(bits_base + it // SUB)
-                        k_loc = tl.arange(0, BLOCK)
+                        k_loc = k_off + tl.arange(0, KEY_TILE)
                         if TILE_N <= MASK_BLOCK:  # the step sits in one query block: a key vector
                             q_loc = (it % SUB) * TILE_N
                             bits = _tile_bits(word, q_loc, k_loc, MASK_BLOCK, BLOCK // MASK_BLOCK)
@@ -358,13 +368,19 @@ def precision(dtype: torch.dtype) -> str:
 
 
 def kernel_meta(
-    kernel: str, dtype: torch.dtype, block: int, head_dim: int, emulate: bool = False
+    kernel: str,
+    dtype: torch.dtype,
+    block: int,
+    head_dim: int,
+    emulate: bool = False,
+    arch: int = 90,
 ) -> tuple[dict, LaunchConfig]:
     """Constexpr arguments and launch parameters of a prefill kernel: what the launcher passes and
-    what the compile check compiles. emulate: the interpreter's fp32-operand path for 16-bit inputs."""
-    cfg = prefill_launch(kernel, dtype, block, head_dim)
+    what the compile check compiles. emulate: the interpreter's fp32-operand path for 16-bit inputs;
+    arch: the launch table (`launch.device_arch`)."""
+    cfg = prefill_launch(kernel, dtype, block, head_dim, arch)
     constexprs = dict(
-        BLOCK=cfg.tile_m,
+        BLOCK=prefill_tile(block),
         MASK_BLOCK=block,
         TILE_N=cfg.tile_n,
         BLOCK_D=block_d(head_dim),
@@ -373,6 +389,8 @@ def kernel_meta(
         LOW=_TL_DTYPES[dtype],
         EMULATE=emulate,
     )
+    if kernel == "dkdv":
+        constexprs["KEY_TILE"] = cfg.tile_m
     return constexprs, cfg
 
 
@@ -418,7 +436,7 @@ def gravity_fwd(
     q, k, v = (t.to(work).contiguous() for t in (q, k, v))
     qn, kn = squared_norms(q), squared_norms(k)
     q_off, qb0, nqb_run = _launch_shape(index, s, sk)
-    meta, cfg = kernel_meta("fwd", dtype, index.block_size, d, emulate)
+    meta, cfg = kernel_meta("fwd", dtype, index.block_size, d, emulate, device_arch(q.device))
     assert cfg.tile_m == index.tile, (cfg.tile_m, index.tile)
     kv_num, kv_idx, kv_bits, _, _, _ = index.tile_lists()
     _gravity_fwd_kernel[(nqb_run, n_heads, bsz)](
@@ -463,7 +481,7 @@ def gravity_bwd(
     kv_num, kv_idx, kv_bits, q_num, q_idx, q_bits = index.tile_lists()
     nt = kv_num.shape[1]  # tiles (= blocks when the tile is the mask block)
     dmass_part = torch.zeros(bsz, hq, nt, device=q.device, dtype=torch.float32)
-    meta, cfg = kernel_meta("dq", dtype, index.block_size, d, emulate)
+    meta, cfg = kernel_meta("dq", dtype, index.block_size, d, emulate, device_arch(q.device))
     _gravity_bwd_dq_kernel[(nqb_run, n_heads, bsz)](
         q, k, v, qn, kn, mass_log, dout, lse, delta, dq, dmass_part,
         index.heads, kv_groups, kv_num, kv_idx, kv_bits,
@@ -475,8 +493,8 @@ def gravity_bwd(
         s, sk, q_off, qb0, nqb_run, float(eps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )  # fmt: skip
-    meta, cfg = kernel_meta("dkdv", dtype, index.block_size, d, emulate)
-    _gravity_bwd_dkdv_kernel[(nt, hkv, bsz)](
+    meta, cfg = kernel_meta("dkdv", dtype, index.block_size, d, emulate, device_arch(q.device))
+    _gravity_bwd_dkdv_kernel[(nt * (index.tile // cfg.tile_m), hkv, bsz)](
         q, k, v, qn, kn, mass_log, dout, lse, delta, dk, dv,
         index.group_table, q_num, q_idx, q_bits,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -192,3 +192,16 @@ def test_sharp_decode_within_2x_of_bf16_formula() -> None:
 def test_gpu_bf16_sharp_case(block: int, d: int) -> None:
     errs = check_sharp(1, 16, 2, 1024 + 37, d, block, seed=block + d)
     assert_within_2x(errs, f"GPU bf16 sharp block={block} D={d}")
+
+
+def test_sm80_launch_table_bf16_sharp_case(monkeypatch) -> None:
+    """The sm_80 table splits 128-key dk/dv tiles into two 64-key programs: run it (interpreted)."""
+    from gravity_sparse.kernels import launch, triton_decode, triton_gravity
+
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter run of the sm_80 table is for CPU machines")
+    monkeypatch.setattr(triton_gravity, "device_arch", lambda device: 80)
+    monkeypatch.setattr(triton_decode, "device_arch", lambda device: 80)
+    assert launch.prefill_launch("dkdv", torch.bfloat16, 128, 128, arch=80).tile_m == 64
+    errs = check_sharp(1, 2, 1, 200, 128, 128, seed=80)
+    assert_within_2x(errs, "sm_80 table bf16 sharp block=128 D=128")
