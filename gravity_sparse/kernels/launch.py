@@ -109,15 +109,18 @@ def prefill_launch(
     tile = prefill_tile(block)
     cfg = _prefill_choice(kernel, dtype, tile, wide, block)
     cfg = LaunchConfig(cfg.num_warps, cfg.num_stages, cfg.tile_n, tile)
-    if arch < 90 and dtype != torch.float32:
-        cfg = _sm80_override(kernel, cfg, wide)
+    if arch < 90:
+        cfg = _sm80_override(kernel, dtype, cfg, wide)
     return cfg
 
 
-def _sm80_override(kernel: str, cfg: LaunchConfig, wide: bool) -> LaunchConfig:
+def _sm80_override(kernel: str, dtype: torch.dtype, cfg: LaunchConfig, wide: bool) -> LaunchConfig:
     """sm_80: mma.sync keeps both dot operands in registers, so the backward needs 8 warps, 16-query
-    steps at 128 x 128, and dk/dv programs of 64 keys (half a 128-key tile) at head_dim 128."""
+    steps at 128 x 128, and dk/dv programs of 64 keys (half a 128-key tile) at head_dim 128; the fp32
+    forward 8 warps and 16-key steps."""
     tile = cfg.tile_m
+    if dtype == torch.float32:
+        return LaunchConfig(8, 1, 16, tile) if kernel == "fwd" else cfg
     if kernel == "dq":
         tile_n = 16 if (wide and tile == 128) else min(cfg.tile_n, 32)
         return LaunchConfig(8, min(cfg.num_stages, 2), tile_n, tile)
@@ -165,12 +168,15 @@ def decode_rows(group_width: int, num_tokens: int) -> int:
 def decode_launch(
     dtype: torch.dtype, block: int, head_dim: int, rows: int, arch: int = 90
 ) -> LaunchConfig:
-    """Launch parameters of the split-KV decode kernel (tile_n: keys per step, a divisor of block)."""
+    """Launch parameters of the split-KV decode kernel (tile_n: keys per step, a divisor of block).
+
+    fp32 at 128 rows (8 heads x > 8 tokens) still spills about 1.2 KB per thread: correct, slow.
+    """
     check_supported(dtype, block, head_dim, gpu=False)
     if dtype == torch.float32:
-        if rows >= 64:
-            return LaunchConfig(num_warps=8, num_stages=1, tile_n=16)
-        return LaunchConfig(num_warps=4, num_stages=1, tile_n=min(block, 32))
+        return LaunchConfig(num_warps=8 if rows >= 64 else 4, num_stages=1, tile_n=16)
+    if arch < 90 and rows >= 64:  # mma.sync holds p and v in registers
+        return LaunchConfig(num_warps=8, num_stages=1 if rows >= 128 else 2, tile_n=min(block, 32))
     if rows >= 128:
         return LaunchConfig(num_warps=8, num_stages=2, tile_n=min(block, 64))
     return LaunchConfig(num_warps=4, num_stages=3, tile_n=min(block, 64))
@@ -178,8 +184,8 @@ def decode_launch(
 
 def merge_launch(head_dim: int, rows: int) -> LaunchConfig:
     """The decode merge kernel: no dots, but a rows x head_dim fp32 accumulator and partial output in
-    registers: enough warps for ≤ 64 fp32 values of each per thread."""
-    per_warp = 32 * 64
+    registers: enough warps for ≤ 32 fp32 values of each per thread."""
+    per_warp = 32 * 32  # fp32 values per warp for 32 of each per thread
     warps = min(16, max(4, 1 << (-(-rows * block_d(head_dim) // per_warp) - 1).bit_length()))
     return LaunchConfig(num_warps=warps, num_stages=1, tile_n=0)
 
