@@ -109,17 +109,17 @@ def _gravity_decode_merge_kernel(
     O_PART, L_PART, OUT, GROUPS,
     sob, soh, sos, sor, slb, slh, sls, s_outb, s_outh, s_outs, s_grp,
     T, GROUP_WIDTH, NUM_SPLITS,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr, D_CHUNK: tl.constexpr,
 ):  # fmt: skip
     """Weighted sum of the splits of one (KV head, batch), written to each row's (head, token)."""
     kvh = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     r, h, t, _ = _rows_of_group(GROUPS, kvh, s_grp, T, GROUP_WIDTH, 0, ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(2) * D_CHUNK + tl.arange(0, D_CHUNK)  # one chunk of the head dim
     d_ok = offs_d[None, :] < D
     m = tl.full([ROWS], -1.0e30, dtype=tl.float32)
     w_sum = tl.zeros([ROWS], dtype=tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([ROWS, D_CHUNK], dtype=tl.float32)
     for sp in range(0, NUM_SPLITS):
         lse = tl.load(L_PART + b * slb + kvh * slh + sp * sls + r)
         o = tl.load(O_PART + b * sob + kvh * soh + sp * sos + r[:, None] * sor + offs_d[None, :],
@@ -180,7 +180,9 @@ def kernel_meta(
 
 def merge_meta(head_dim: int, rows: int) -> tuple[dict, LaunchConfig]:
     """Constexprs and launch parameters of the merge kernel."""
-    return dict(ROWS=rows, BLOCK_D=block_d(head_dim), D=head_dim), merge_launch(head_dim, rows)
+    chunk = min(block_d(head_dim), 64)
+    meta = dict(ROWS=rows, BLOCK_D=block_d(head_dim), D=head_dim, D_CHUNK=chunk)
+    return meta, merge_launch(chunk, rows)
 
 
 def gravity_decode(
@@ -225,7 +227,7 @@ def gravity_decode(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )  # fmt: skip
     meta, cfg = merge_meta(d, rows)
-    _gravity_decode_merge_kernel[(hkv, bsz)](
+    _gravity_decode_merge_kernel[(hkv, bsz, meta["BLOCK_D"] // meta["D_CHUNK"])](
         o_part, l_part, out, table,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         l_part.stride(0), l_part.stride(1), l_part.stride(2),
