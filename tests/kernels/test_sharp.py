@@ -172,8 +172,9 @@ def test_fp16_sharp_case_within_2x_of_fp16_formula() -> None:
     assert_within_2x(errs, "fp16 sharp")
 
 
-def test_sharp_decode_within_2x_of_bf16_formula() -> None:
-    q, k, v, mass_log = sharp_case(1, 4, 2, 70, 64, seed=3)
+@pytest.mark.parametrize("d", [64, 128])  # 128: the merge runs in two 64-wide head-dim chunks
+def test_sharp_decode_within_2x_of_bf16_formula(d: int) -> None:
+    q, k, v, mass_log = sharp_case(1, 4, 2, 70, d, seed=3)
     q = q[:, :, -2:]  # two new tokens against a 70-token cache
     zero = torch.zeros_like(q)
     truth = formula(q, k, v, mass_log, zero, None)[0]
