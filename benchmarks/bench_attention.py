@@ -253,11 +253,18 @@ def run_case(case: Case, args, device: torch.device, peaks, rows: list[dict]) ->
         run_sdpa(case, args, device, record)
 
 
-def sdpa_flash(q, k, v, *, is_causal: bool) -> torch.Tensor:
+def sdpa_flash(q, k, v, *, is_causal: bool, kind: str = "flash") -> torch.Tensor:
+    """torch SDPA pinned to one backend: "flash" (FlashAttention-2) or "cudnn" (cuDNN attention)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+    backend = SDPBackend.FLASH_ATTENTION if kind == "flash" else SDPBackend.CUDNN_ATTENTION
+    if kind == "cudnn" and k.shape[1] != q.shape[1]:  # cuDNN SDPA wants equal head counts
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal, enable_gqa=kind == "flash"
+        )
 
 
 def fwd_bwd_step(attention: Callable, leaves: list[torch.Tensor], grad: torch.Tensor, **kw) -> None:
@@ -266,34 +273,34 @@ def fwd_bwd_step(attention: Callable, leaves: list[torch.Tensor], grad: torch.Te
 
 
 def run_sdpa(case: Case, args, device, record) -> None:
-    """torch SDPA flash (standard softmax attention): the speed-of-light reference, not gravity."""
+    """torch SDPA flash and cuDNN (standard softmax attention): speed-of-light references, not gravity."""
     q, k, v = case.q, case.k, case.v
     note = "standard attention (not gravity): no error column"
     flops = case.dense_flops()
-
-    def sdpa(q_, causal):
-        return sdpa_flash(q_, k, v, is_causal=causal)
-
-    for mode in args.modes:
-        try:
-            if mode == "fwd":
-                with torch.no_grad():
-                    ms = bench(partial(sdpa, q, True), device, args.warmup, args.rep)
-                record("fwd", "sdpa flash", ms, flops=flops, note=note)
-            elif mode == "fwdbwd":
-                leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-                step = partial(
-                    fwd_bwd_step, sdpa_flash, leaves, torch.randn_like(q), is_causal=True
-                )
-                ms = bench(step, device, args.warmup, args.rep)
-                record("fwdbwd", "sdpa flash", ms, flops=3.5 * flops, note=note)
-            elif mode == "decode":
-                with torch.no_grad():
-                    ms = bench(partial(sdpa, q[:, :, -1:], False), device, args.warmup, args.rep)
-                nbytes = case.b * case.hkv * case.s * case.d * 2 * q.element_size()
-                record("decode", "sdpa flash", ms, nbytes=nbytes, note=note)
-        except Exception as exc:
-            record(mode, "sdpa flash", None, note=f"failed: {type(exc).__name__}: {exc}"[:300])
+    for kind in ("flash", "cudnn"):
+        label = f"sdpa {kind}"
+        attn = partial(sdpa_flash, kind=kind)
+        for mode in args.modes:
+            try:
+                if mode == "fwd":
+                    with torch.no_grad():
+                        ms = bench(partial(attn, q, k, v, is_causal=True), device, args.warmup,
+                                   args.rep)  # fmt: skip
+                    record("fwd", label, ms, flops=flops, note=note)
+                elif mode == "fwdbwd":
+                    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+                    step = partial(fwd_bwd_step, attn, leaves, torch.randn_like(q), is_causal=True)
+                    ms = bench(step, device, args.warmup, args.rep)
+                    record("fwdbwd", label, ms, flops=3.5 * flops, note=note)
+                elif mode == "decode":
+                    q1 = q[:, :, -1:]
+                    with torch.no_grad():
+                        ms = bench(partial(attn, q1, k, v, is_causal=False), device, args.warmup,
+                                   args.rep)  # fmt: skip
+                    nbytes = case.b * case.hkv * case.s * case.d * 2 * q.element_size()
+                    record("decode", label, ms, nbytes=nbytes, note=note)
+            except Exception as exc:
+                record(mode, label, None, note=f"failed: {type(exc).__name__}: {exc}"[:300])
 
 
 def environment(device: torch.device) -> dict:

@@ -16,6 +16,15 @@ on (mask, head_keep, NB, first_q_block), so callers cache them across calls that
 
 For decode (a few queries against a KV cache) the query heads of one KV head share one walk over the union
 of their kept key blocks (`dec_num (Hkv,)`, `dec_idx (Hkv, NB)`), so each K/V tile is read once per group.
+
+The prefill kernels walk hardware tiles of `tile_size` = max(block, 64) positions (`launch.prefill_tile`):
+mask blocks of 16 or 32 are gathered into 64-wide tiles so that the dots are 64-row wgmma tiles. Their
+lists (`tkv_num`, `tkv_idx`, `tq_num`, `tq_idx`, same layout over NT = ceil(NB / (tile / block)) tiles)
+list every tile holding a kept block; a tile that is not entirely kept (some block of it dropped) is
+stored as −(t + 1), and only there the kernels apply the block mask per element, from `tkv_bits` /
+`tq_bits` (int32, aligned with the index lists): bit (qs · R + ks) says whether the ks-th key block of
+the qs-th query block of the tile is kept (R = tile / block ≤ 4, so 16 bits). With tile = block these
+are the block lists themselves.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from .launch import prefill_tile
 
 
 @dataclass
@@ -45,6 +55,26 @@ class BlockIndex:
     dec_num: torch.Tensor | None = None
     dec_idx: torch.Tensor | None = None
     dec_longest: int = 0  # max of dec_num, kept on the host so decode never synchronises
+    # prefill hardware tiles (see the module docstring); None: the block lists (tile = block)
+    tile_size: int = 0
+    tkv_num: torch.Tensor | None = None
+    tkv_idx: torch.Tensor | None = None
+    tq_num: torch.Tensor | None = None
+    tq_idx: torch.Tensor | None = None
+    tkv_bits: torch.Tensor | None = None
+    tq_bits: torch.Tensor | None = None
+
+    @property
+    def tile(self) -> int:
+        return self.tile_size or self.block_size
+
+    def tile_lists(self) -> tuple[torch.Tensor, ...]:
+        """(kv_num, kv_idx, kv_bits, q_num, q_idx, q_bits) over hardware tiles, partial tiles encoded
+        as −(t + 1); the bits are a 1-element dummy when the tile is the mask block (never read)."""
+        if self.tkv_num is None:
+            dummy = torch.zeros(1, 1, 1, dtype=torch.int32, device=self.kv_num.device)
+            return self.kv_num, self.kv_idx, dummy, self.q_num, self.q_idx, dummy
+        return (self.tkv_num, self.tkv_idx, self.tkv_bits, self.tq_num, self.tq_idx, self.tq_bits)
 
     def computed_blocks(self) -> int:
         """Number of (head, query block, key block) tiles a forward pass computes."""
@@ -64,6 +94,49 @@ def _sorted_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # a stable sort of "not kept" puts the kept indices first, in ascending order
     idx = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
     return num.contiguous(), idx.contiguous()
+
+
+def tile_lists(
+    mask: torch.Tensor, block_size: int, tile_size: int, first_q_block: int
+) -> tuple[torch.Tensor, ...]:
+    """Tile-level (kv_num, kv_idx, kv_bits, q_num, q_idx, q_bits) of a (Hq, NB, NB) causal block mask.
+
+    A kept tile is "full" when every block it covers is kept, counting as kept the blocks above the
+    diagonal (the kernels' causal test removes them), the rows without queries and the padding past NB
+    (their rows and columns are masked anyway); any other kept tile is partial: −(t + 1). See the module
+    docstring for the bits.
+    """
+    r = tile_size // block_size
+    heads, nb, _ = mask.shape
+    nt = -(-nb // r)
+    device = mask.device
+    padded = torch.zeros(heads, nt * r, nt * r, dtype=torch.bool, device=device)
+    padded[:, :nb, :nb] = mask
+    pos = torch.arange(nt * r, device=device)
+    free = (
+        (pos.view(1, -1) > pos.view(-1, 1))  # above the diagonal: causal masking handles it
+        | (pos.view(-1, 1) < first_q_block)  # rows without queries
+        | (pos.view(-1, 1) >= nb)
+        | (pos.view(1, -1) >= nb)
+    )
+    sub = padded.view(heads, nt, r, nt, r)
+    kept = sub.any(dim=(2, 4))
+    full = (padded | free).view(heads, nt, r, nt, r).all(dim=(2, 4)) & kept
+    partial = kept & ~full
+    weight = (1 << torch.arange(r * r, device=device, dtype=torch.int32)).view(r, r)  # (qs, ks)
+    bits = (sub.permute(0, 1, 3, 2, 4).to(torch.int32) * weight).sum(
+        dim=(-2, -1), dtype=torch.int32
+    )
+    out = []
+    for k_mask, p_mask, b in (
+        (kept, partial, bits),
+        (kept.transpose(1, 2), partial.transpose(1, 2), bits.transpose(1, 2)),
+    ):
+        num, idx = _sorted_lists(k_mask.contiguous())
+        flag = torch.gather(p_mask, 2, idx.long())
+        word = torch.gather(b, 2, idx.long())
+        out += [num, torch.where(flag, -idx - 1, idx).contiguous(), word.contiguous()]
+    return tuple(out)
 
 
 def check_mask_length(block_mask: torch.Tensor, seq_len: int, block_size: int) -> None:
@@ -138,6 +211,10 @@ def build_block_index(
     union = torch.zeros(num_kv_heads, nb, dtype=torch.int32, device=device)
     union = union.index_add_(0, groups, rows.to(torch.int32)) > 0
     dec_num, dec_idx = _sorted_lists(union)
+    tile = prefill_tile(block_size) if block_size in (16, 32) else block_size
+    tiles = (None,) * 6
+    if tile != block_size:
+        tiles = tile_lists(mask, block_size, tile, first_q_block)
     return BlockIndex(
         block_size=block_size,
         num_blocks=nb,
@@ -152,22 +229,39 @@ def build_block_index(
         dec_num=dec_num,
         dec_idx=dec_idx,
         dec_longest=int(dec_num.max()) if dec_num.numel() else 0,
+        tile_size=tile,
+        tkv_num=tiles[0],
+        tkv_idx=tiles[1],
+        tkv_bits=tiles[2],
+        tq_num=tiles[3],
+        tq_idx=tiles[4],
+        tq_bits=tiles[5],
     )
 
 
 def prefill_tensors(index: BlockIndex) -> tuple[torch.Tensor, ...]:
-    """The six index tensors the prefill kernels read, in `index_from_tensors` order."""
-    return (index.kv_num, index.kv_idx, index.q_num, index.q_idx, index.heads, index.group_table)
+    """The eight index tensors the prefill kernels read, in `index_from_tensors` order:
+    kv_num, kv_idx, q_num, q_idx (tile lists), heads, group_table, kv_bits, q_bits."""
+    kv_num, kv_idx, kv_bits, q_num, q_idx, q_bits = index.tile_lists()
+    return (kv_num, kv_idx, q_num, q_idx, index.heads, index.group_table, kv_bits, q_bits)
 
 
 def index_from_tensors(
-    tensors: tuple[torch.Tensor, ...] | list[torch.Tensor], block_size: int, first_q_block: int
+    tensors: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    block_size: int,
+    first_q_block: int,
+    tile_size: int = 0,
 ) -> BlockIndex:
-    """Rebuild a prefill BlockIndex from `prefill_tensors` (custom ops take tensors, not dataclasses)."""
-    kv_num, kv_idx, q_num, q_idx, heads, group_table = tensors
+    """Rebuild a prefill BlockIndex from `prefill_tensors` (custom ops take tensors, not dataclasses).
+
+    Only the tile lists travel: its kv_num/kv_idx/q_num/q_idx are the tile lists too.
+    """
+    kv_num, kv_idx, q_num, q_idx, heads, group_table, kv_bits, q_bits = tensors
+    tile = tile_size or block_size
+    tiled = tile != block_size
     return BlockIndex(
         block_size=block_size,
-        num_blocks=kv_num.shape[1],
+        num_blocks=kv_num.shape[1] * (tile // block_size),
         first_q_block=first_q_block,
         kv_num=kv_num,
         kv_idx=kv_idx,
@@ -175,4 +269,11 @@ def index_from_tensors(
         q_idx=q_idx,
         heads=heads,
         group_table=group_table,
+        tile_size=tile,
+        tkv_num=kv_num if tiled else None,
+        tkv_idx=kv_idx if tiled else None,
+        tkv_bits=kv_bits if tiled else None,
+        tq_num=q_num if tiled else None,
+        tq_idx=q_idx if tiled else None,
+        tq_bits=q_bits if tiled else None,
     )

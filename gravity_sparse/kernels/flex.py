@@ -1,7 +1,8 @@
 """The flex backend: torch FlexAttention with a gravity `score_mod` and a BlockMask of the same block mask.
 
 FlexAttention computes score = q·k (scale 1) and hands it to `score_mod`, which turns it into the gravity
-score with precomputed squared norms of the centred q and k:
+score with squared norms precomputed in fp32 from the unshifted q and k (as the Triton kernel does;
+centring q and k and rounding them back to bf16 costs accuracy):
 
     d² = max(‖q_i‖² + ‖k_j‖² − 2 score, 0),   s = M_h² / (d² + ε)
 
@@ -9,6 +10,10 @@ The BlockMask is built from the same index lists as the Triton kernel (kept off-
 blocks that skip mask_mod, diagonal blocks as partial ones), and `mask_mod` encodes the block mask as well
 because eager FlexAttention ignores the block lists. q (B, Hq, S, D), k/v (B, Hkv, Sk, D) -> (B, Hq, S, D).
 Eager mode materialises the scores (fine for tests); pass `compiled=True` for the fused kernel (GPU).
+The compiled kernel gets `flex_kernel_options` (tiles that divide the mask block: torch's default sm_90
+forward tile is 128 query rows, which a 64-row block mask rejects) and is compiled with dynamic shapes,
+so a sweep over sequence lengths does not hit dynamo's recompile limit and fall back to eager (which
+materialises B·H·S² scores).
 """
 
 from __future__ import annotations
@@ -28,8 +33,29 @@ def _flex_fn(compiled: bool):
     if not compiled:
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
     return _compiled_flex
+
+
+def flex_kernel_options(block_size: int, head_dim: int) -> dict:
+    """FlexAttention tiles that divide the mask block (forward BLOCK_M/N, backward BLOCK_M1/N1/M2/N2).
+
+    torch requires SPARSE_Q_BLOCK_SIZE % BLOCK_M == 0 and SPARSE_KV_BLOCK_SIZE % BLOCK_N == 0 (and the
+    same for the backward tiles); its default sm_90 forward tile is 128 rows.
+    """
+    fwd = min(block_size, 128)
+    small = min(block_size, 32 if head_dim > 64 else 64)
+    opts = {
+        "BLOCK_M": fwd,
+        "BLOCK_N": min(block_size, 64 if head_dim > 64 else 128),
+        "BLOCK_M1": small,
+        "BLOCK_N1": min(block_size, 64),
+        "BLOCK_M2": min(block_size, 64),
+        "BLOCK_N2": small,
+        "num_warps": 8 if fwd == 128 else 4,
+        "num_stages": 2 if head_dim > 64 else 3,
+    }
+    return opts
 
 
 def flex_block_mask(index: BlockIndex, seq_len_q: int, seq_len_k: int) -> BlockMask:
@@ -89,9 +115,7 @@ def flex_gravity_attention(
     if not torch.is_grad_enabled():  # FlexAttention refuses inputs that require grad on CPU
         q, k, v, mass_log = q.detach(), k.detach(), v.detach(), mass_log.detach()
     groups = kv_groups.long()
-    center = k.detach().float().mean(dim=2)  # (B, Hkv, D), a constant shift: exact for distances
-    qc = (q.float() - center[:, groups].unsqueeze(2)).to(q.dtype)
-    kc = (k.float() - center.unsqueeze(2)).to(k.dtype)
+    qc, kc = q, k
     standard = hq % hkv == 0 and torch.equal(
         groups, torch.arange(hq, device=q.device) // (hq // hkv)
     )
@@ -113,8 +137,16 @@ def flex_gravity_attention(
         else:
             block_mask = flex_block_mask(index, s, sk)
             _last_mask = (index, s, sk, block_mask)
+    extra = {"kernel_options": flex_kernel_options(index.block_size, d)} if compiled else {}
     out = _flex_fn(compiled)(
-        qc, kc, v, score_mod=score_mod, block_mask=block_mask, scale=1.0, enable_gqa=standard
+        qc,
+        kc,
+        v,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=1.0,
+        enable_gqa=standard,
+        **extra,
     )
     keep = torch.zeros(hq, dtype=torch.bool, device=q.device)
     keep[index.heads.long()] = True

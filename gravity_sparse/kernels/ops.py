@@ -4,7 +4,8 @@
     gravity_sparse::gravity_bwd(dout, q, k, v, mass_log, kv_groups, out, lse, *index) -> dq, dk, dv, dmass
     gravity_sparse::gravity_decode(q, k, v, mass_log, kv_groups, mask, heads, group_table, ...) -> out
 
-`index` are the six prefill lists of `block_index.prefill_tensors`. Fake (meta) implementations give
+`index` are the eight prefill tensors of `block_index.prefill_tensors` (tile lists, heads, group table,
+partial-tile bits). Fake (meta) implementations give
 torch.compile the output shapes; the kernels themselves run eagerly inside the op.
 """
 
@@ -31,12 +32,15 @@ def _fwd_op(
     q_idx: Tensor,
     heads: Tensor,
     group_table: Tensor,
+    kv_bits: Tensor,
+    q_bits: Tensor,
     block_size: int,
     first_q_block: int,
+    tile_size: int,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
-    lists = (kv_num, kv_idx, q_num, q_idx, heads, group_table)
-    index = index_from_tensors(lists, block_size, first_q_block)
+    lists = (kv_num, kv_idx, q_num, q_idx, heads, group_table, kv_bits, q_bits)
+    index = index_from_tensors(lists, block_size, first_q_block, tile_size)
     return gravity_fwd(q, k, v, mass_log, kv_groups, index, eps)
 
 
@@ -62,12 +66,15 @@ def _bwd_op(
     q_idx: Tensor,
     heads: Tensor,
     group_table: Tensor,
+    kv_bits: Tensor,
+    q_bits: Tensor,
     block_size: int,
     first_q_block: int,
+    tile_size: int,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    lists = (kv_num, kv_idx, q_num, q_idx, heads, group_table)
-    index = index_from_tensors(lists, block_size, first_q_block)
+    lists = (kv_num, kv_idx, q_num, q_idx, heads, group_table, kv_bits, q_bits)
+    index = index_from_tensors(lists, block_size, first_q_block, tile_size)
     return gravity_bwd(dout, q, k, v, mass_log, kv_groups, out, lse, index, eps)
 
 
@@ -82,16 +89,16 @@ def _(dout, q, k, v, mass_log, *rest) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, mass_log, kv_groups, *lists, block_size, first_q_block, eps = inputs
+    q, k, v, mass_log, kv_groups, *lists, block_size, first_q_block, tile_size, eps = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, mass_log, kv_groups, out, lse, *lists)
-    ctx.meta = (block_size, first_q_block, eps)
+    ctx.meta = (block_size, first_q_block, tile_size, eps)
 
 
 def _backward(ctx, dout: Tensor, _dlse: Tensor):
     q, k, v, mass_log, kv_groups, out, lse, *lists = ctx.saved_tensors
     dq, dk, dv, dmass = _bwd_op(dout, q, k, v, mass_log, kv_groups, out, lse, *lists, *ctx.meta)
-    return (dq, dk, dv, dmass) + (None,) * 10
+    return (dq, dk, dv, dmass) + (None,) * 13
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -150,7 +157,7 @@ def triton_prefill(
     """Block-sparse prefill forward (autograd-aware, compile-friendly): out (B, Hq, S, D)."""
     out, _ = _fwd_op(
         q, k, v, mass_log, kv_groups, *prefill_tensors(index),
-        index.block_size, index.first_q_block, float(eps),
+        index.block_size, index.first_q_block, index.tile, float(eps),
     )  # fmt: skip
     return out
 

@@ -8,9 +8,9 @@ of the group's kept key blocks (`BlockIndex.dec_idx`), cut into contiguous chunk
 block-mask row and the causal limit. A second small kernel merges the splits (normalised partial
 outputs + base-2 log-sum-exps) and scatters the rows to (B, Hq, T, D).
 
-Numerics as in `triton_gravity`, except the centring vector: the mean of the group's query rows,
-computed in the kernel (exact for the distance, and it avoids a second pass over the cache). Per-call
-host work is a few allocations: no synchronisation, so the step can be captured in a CUDA graph.
+Numerics as in `triton_gravity`: ‖q‖² and ‖k‖² in fp32 from the unshifted inputs (‖k‖² in the kernel, from
+the K tile it loads anyway: no second pass over the cache), q·k a tensor-core dot. Per-call host work is a
+few allocations: no synchronisation, so the step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from .block_index import BlockIndex
-from .triton_gravity import _block_d, _precision
+from .launch import LaunchConfig, block_d, decode_launch, decode_rows, device_arch, merge_launch
+from .triton_gravity import _TL_DTYPES, _prepare, _to_low, precision
 
 MIN_BLOCKS_PER_SPLIT = 4
 
@@ -40,13 +41,15 @@ def _gravity_decode_kernel(
     Q, K, V, MASS_LOG, MASK, GROUPS, DEC_NUM, DEC_IDX, O_PART, L_PART,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
     smh, smq, s_grp, s_dec, sob, soh, sos, sor, slb, slh, sls,
-    T, SK, D, Q_OFF, GROUP_WIDTH, PER_SPLIT, eps,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    T, SK, Q_OFF, GROUP_WIDTH, PER_SPLIT, eps,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, TILE_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr,
+    PRECISION: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
+    SUB: tl.constexpr = BLOCK // TILE_N
     split = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    LOW = Q.dtype.element_ty
     r, h, t, pos = _rows_of_group(GROUPS, kvh, s_grp, T, GROUP_WIDTH, Q_OFF, ROWS)
     row_ok = h >= 0
     h_safe = tl.where(row_ok, h, 0)
@@ -54,10 +57,8 @@ def _gravity_decode_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
     q = tl.load(Q + b * sqb + h_safe[:, None] * sqh + t[:, None] * sqs + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok, other=0.0).to(tl.float32)  # fmt: skip
-    center = tl.sum(q, 0) / tl.maximum(tl.sum(row_ok.to(tl.float32), 0), 1.0)
-    qc = (q - center[None, :]).to(LOW)
-    qf = qc.to(tl.float32)
+                mask=row_ok[:, None] & d_ok, other=0.0)  # fmt: skip
+    qf = q.to(tl.float32)
     qn = tl.sum(qf * qf, 1)
     x = tl.load(MASS_LOG + h_safe, mask=row_ok, other=0.0).to(tl.float32)
     mass = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # softplus
@@ -71,18 +72,17 @@ def _gravity_decode_kernel(
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     start = split * PER_SPLIT
     end = tl.minimum(start + PER_SPLIT, tl.load(DEC_NUM + kvh))
-    for j in range(start, end):
-        kb = tl.load(DEC_IDX + kvh * s_dec + j)
-        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+    for it in range(start * SUB, end * SUB):
+        kb = tl.load(DEC_IDX + kvh * s_dec + it // SUB)
+        offs_n = kb * BLOCK + (it % SUB) * TILE_N + tl.arange(0, TILE_N)
         col_ok = offs_n < SK
         k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok, other=0.0)  # fmt: skip
-        kc = (k.to(tl.float32) - center[None, :]).to(LOW)
-        kf = kc.to(tl.float32)
+        kf = k.to(tl.float32)
         kn = tl.sum(kf * kf, 1)
         v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok, other=0.0)  # fmt: skip
-        qk = tl.dot(qc, tl.trans(kc), input_precision=PRECISION)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         d2 = tl.maximum(qn[:, None] + kn[None, :] - 2.0 * qk, 0.0)
         s = mass2[:, None] / (d2 + eps)
         row_sees = tl.load(mask_base + kb, mask=row_ok, other=0) != 0  # the row's head keeps kb
@@ -92,7 +92,7 @@ def _gravity_decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(LOW), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(_to_low(p, LOW, EMULATE), v, input_precision=PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0
@@ -108,18 +108,18 @@ def _gravity_decode_kernel(
 def _gravity_decode_merge_kernel(
     O_PART, L_PART, OUT, GROUPS,
     sob, soh, sos, sor, slb, slh, sls, s_outb, s_outh, s_outs, s_grp,
-    T, D, GROUP_WIDTH, NUM_SPLITS,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    T, GROUP_WIDTH, NUM_SPLITS,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr, D_CHUNK: tl.constexpr,
 ):  # fmt: skip
     """Weighted sum of the splits of one (KV head, batch), written to each row's (head, token)."""
     kvh = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     r, h, t, _ = _rows_of_group(GROUPS, kvh, s_grp, T, GROUP_WIDTH, 0, ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(2) * D_CHUNK + tl.arange(0, D_CHUNK)  # one chunk of the head dim
     d_ok = offs_d[None, :] < D
     m = tl.full([ROWS], -1.0e30, dtype=tl.float32)
     w_sum = tl.zeros([ROWS], dtype=tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([ROWS, D_CHUNK], dtype=tl.float32)
     for sp in range(0, NUM_SPLITS):
         lse = tl.load(L_PART + b * slb + kvh * slh + sp * sls + r)
         o = tl.load(O_PART + b * sob + kvh * soh + sp * sos + r[:, None] * sor + offs_d[None, :],
@@ -147,6 +147,44 @@ def choose_splits(index: BlockIndex, batch: int, num_kv_heads: int, device: torc
     return max(1, min(wanted, -(-index.dec_longest // MIN_BLOCKS_PER_SPLIT)))
 
 
+KERNELS = {
+    "decode": (
+        _gravity_decode_kernel,
+        dict(Q="io", K="io", V="io", MASS_LOG="fp32", MASK="i8", GROUPS="i32", DEC_NUM="i32",
+             DEC_IDX="i32", O_PART="fp32", L_PART="fp32"),
+    ),
+    "merge": (
+        _gravity_decode_merge_kernel,
+        dict(O_PART="fp32", L_PART="fp32", OUT="io", GROUPS="i32"),
+    ),
+}  # fmt: skip
+
+
+def kernel_meta(
+    dtype: torch.dtype, block: int, head_dim: int, rows: int, emulate: bool = False, arch: int = 90
+) -> tuple[dict, LaunchConfig]:
+    """Constexprs and launch parameters of the decode kernel (launcher and compile check)."""
+    cfg = decode_launch(dtype, block, head_dim, rows, arch)
+    constexprs = dict(
+        ROWS=rows,
+        BLOCK=block,
+        TILE_N=cfg.tile_n,
+        BLOCK_D=block_d(head_dim),
+        D=head_dim,
+        PRECISION="ieee" if emulate else precision(dtype),
+        LOW=_TL_DTYPES[dtype],
+        EMULATE=emulate,
+    )
+    return constexprs, cfg
+
+
+def merge_meta(head_dim: int, rows: int) -> tuple[dict, LaunchConfig]:
+    """Constexprs and launch parameters of the merge kernel."""
+    chunk = min(block_d(head_dim), 64)
+    meta = dict(ROWS=rows, BLOCK_D=block_d(head_dim), D=head_dim, D_CHUNK=chunk)
+    return meta, merge_launch(chunk, rows)
+
+
 def gravity_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -163,19 +201,21 @@ def gravity_decode(
     """
     bsz, hq, t, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dtype = q.dtype
+    emulate, work = _prepare(dtype, index.block_size, d, q.device)
+    q, k, v = (x.to(work).contiguous() for x in (q, k, v))
     out = torch.zeros_like(q)
     if index.heads.numel() == 0 or index.dec_longest == 0:
-        return out
+        return out.to(dtype)
     table = index.group_table
     width = table.shape[1]
-    rows = max(16, triton.next_power_of_2(width * t))
+    rows = decode_rows(width, t)
     splits = min(num_splits or choose_splits(index, bsz, hkv, q.device), index.dec_longest)
     per_split = -(-index.dec_longest // splits)
     mask = index.mask.view(torch.int8)  # same bytes as the bool mask, no copy
     o_part = torch.empty(bsz, hkv, splits, rows, d, device=q.device, dtype=torch.float32)
     l_part = torch.empty(bsz, hkv, splits, rows, device=q.device, dtype=torch.float32)
-    block_d = _block_d(d)
+    meta, cfg = kernel_meta(dtype, index.block_size, d, rows, emulate, device_arch(q.device))
     _gravity_decode_kernel[(splits, hkv, bsz)](
         q, k, v, mass_log, mask, table, index.dec_num, index.dec_idx, o_part, l_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -183,14 +223,16 @@ def gravity_decode(
         mask.stride(0), mask.stride(1), table.stride(0), index.dec_idx.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         l_part.stride(0), l_part.stride(1), l_part.stride(2),
-        t, sk, d, sk - t, width, per_split, float(eps),
-        ROWS=rows, BLOCK=index.block_size, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+        t, sk, sk - t, width, per_split, float(eps),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )  # fmt: skip
-    _gravity_decode_merge_kernel[(hkv, bsz)](
+    meta, cfg = merge_meta(d, rows)
+    _gravity_decode_merge_kernel[(hkv, bsz, meta["BLOCK_D"] // meta["D_CHUNK"])](
         o_part, l_part, out, table,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         l_part.stride(0), l_part.stride(1), l_part.stride(2),
         out.stride(0), out.stride(1), out.stride(2), table.stride(0),
-        t, d, width, splits, ROWS=rows, BLOCK_D=block_d,
+        t, width, splits,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )  # fmt: skip
-    return out
+    return out.to(dtype)

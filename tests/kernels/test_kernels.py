@@ -323,3 +323,61 @@ def test_benchmark_script_smoke_and_refusal(tmp_path, monkeypatch) -> None:
     assert "| S | D |" in out.with_suffix(".md").read_text()
     if not torch.cuda.is_available():
         assert bench.main(["--out", str(tmp_path / "gpu")]) == 2
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_small_mask_blocks_run_in_64_row_tiles(block: int) -> None:
+    """Mask blocks 16/32 are gathered into 64-row hardware tiles: full tiles skip the block mask,
+    partial ones apply it per element; forward and backward still match the reference."""
+    gen = torch.Generator().manual_seed(block)
+    s, hq, hkv = 200, 2, 1
+    nb = -(-s // block)
+    mask = make_mask("random", hq, nb, gen)
+    mask[0] = torch.ones(nb, nb, dtype=torch.bool).tril()  # head 0 all kept: every tile full
+    mask = mask.to(DEVICE)
+    groups = default_kv_groups(hq, hkv, DEVICE)
+    index = build_block_index(
+        mask, None, groups, num_kv_heads=hkv, seq_len_q=s, seq_len_k=s, block_size=block
+    )
+    assert index.tile == 64
+    kv_num, kv_idx, kv_bits, *_ = index.tile_lists()
+    nt = -(-s // 64)
+    assert kv_num.shape == (hq, nt)
+    head0 = [kv_idx[0, t, : kv_num[0, t]].tolist() for t in range(nt)]
+    assert head0 == [list(range(t + 1)) for t in range(nt)]  # all kept: every tile full (>= 0)
+    assert (kv_idx[1][kv_idx[1] < 0]).numel() > 0  # the random head has partial tiles
+    r = 64 // block
+    for t in range(nt):  # each listed tile's bits are its kept (query block, key block) pairs
+        for j in range(int(kv_num[1, t])):
+            e = int(kv_idx[1, t, j])
+            kt = -e - 1 if e < 0 else e
+            for qs in range(r):
+                for ks in range(r):
+                    qb, kb = t * r + qs, kt * r + ks
+                    kept = qb < nb and kb < nb and bool(index.mask[1, qb, kb])
+                    assert bool(int(kv_bits[1, t, j]) >> (qs * r + ks) & 1) == kept
+
+    q, k, v, mass_log = make_inputs(1, hq, hkv, s, s, gen)
+    leaves = [t.requires_grad_() for t in (q, k, v, mass_log)]
+    args = dict(block_mask=mask, block_size=block)
+    ref = gravity_attention(*leaves, backend="reference", **args)
+    out = gravity_attention(*leaves, backend="triton", block_index=index, **args)
+    assert_close(f"block {block} forward", out, ref, atol=2e-5)
+    grad_out = torch.randn(ref.shape, generator=gen).to(DEVICE)
+    want = torch.autograd.grad(ref, leaves, grad_out)
+    got = torch.autograd.grad(out, leaves, grad_out)
+    for name, g, w in zip(("dq", "dk", "dv", "d mass_log"), got, want, strict=True):
+        assert_close(f"block {block} {name}", g, w, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block", [16, 32, 64, 128])
+@pytest.mark.parametrize("d", [64, 128])
+def test_flex_kernel_options_divide_the_mask_block(block: int, d: int) -> None:
+    """torch rejects FlexAttention tiles that do not divide the BlockMask's block (its sm_90 default
+    forward tile is 128 rows, which a 64-row mask block rejects)."""
+    from gravity_sparse.kernels.flex import flex_kernel_options
+
+    opts = flex_kernel_options(block, d)
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"):
+        assert block % opts[key] == 0 and opts[key] >= 16, (key, opts[key])
+    assert opts["BLOCK_N1"] % opts["BLOCK_M1"] == 0 and opts["BLOCK_M2"] % opts["BLOCK_N2"] == 0
