@@ -36,6 +36,7 @@ from gravity_sparse.qubo.formulation import (
     offdiag_blocks,
     violations,
 )
+from gravity_sparse.qubo.profile import profile_field
 
 REQUIRED_KEYS = ("block_field", "importance", "redundancy", "mass", "kv_groups")
 META_KEYS = ("block_size", "seq_len", "num_layers", "num_heads", "num_kv_heads")
@@ -196,29 +197,6 @@ def _validate_field(tensors: dict[str, torch.Tensor], meta: dict[str, str], wher
     for key in ("block_field", "importance", "redundancy", "mass"):
         if not torch.isfinite(tensors[key]).all():
             raise UserError(f"{where}: {key} holds non-finite values")
-
-
-def profile_field(profile: torch.Tensor, block_field: torch.Tensor) -> np.ndarray:
-    """(L, H, NQB, NQB) block field of each head's distance profile: the gravitational-field view.
-
-    Query i puts profile[i − j] on key j (the mean attention at that distance, measured over all
-    calibration queries), summed over the keys of a block and averaged over the queries of a row, rows
-    renormalised to 1. It is translation-invariant, so every row keeps its local context; the sink column
-    (key block 0) keeps the measured block field's mass where that is larger.
-    """
-    prof = profile.double().numpy()  # (L, H, S)
-    num_layers, num_heads, seq = prof.shape
-    nqb = block_field.shape[-1]
-    block = -(-seq // nqb)
-    pos = np.arange(nqb * block)
-    dist = pos[:, None] - pos[None, :]
-    padded = np.concatenate([prof, np.zeros((num_layers, num_heads, nqb * block - seq))], -1)
-    valid = (dist >= 0) & (pos[:, None] < seq) & (pos[None, :] < seq)
-    pf = np.where(valid, padded[..., np.clip(dist, 0, None)], 0.0)  # (L, H, T, T)
-    pf = pf.reshape(num_layers, num_heads, nqb, block, nqb, block).sum(-1).mean(-2)
-    pf[..., 0] = np.maximum(pf[..., 0], block_field.double().numpy()[..., 0])
-    pf *= np.tril(np.ones((nqb, nqb)))
-    return pf / np.maximum(pf.sum(-1, keepdims=True), 1e-12)
 
 
 def block_values(field: dict[str, torch.Tensor], kind: str) -> np.ndarray:
