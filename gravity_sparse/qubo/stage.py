@@ -36,6 +36,7 @@ from gravity_sparse.qubo.formulation import (
     offdiag_blocks,
     violations,
 )
+from gravity_sparse.qubo.limits import MAX_BLOCK_VARIABLES, check_solve_size
 from gravity_sparse.qubo.profile import profile_field
 
 REQUIRED_KEYS = ("block_field", "importance", "redundancy", "mass", "kv_groups")
@@ -112,6 +113,10 @@ class SolveConfig:
     penalty_margin: float = field(
         default=1.0, metadata={"help": "constraint penalty margin, in mean block values"}
     )
+    max_block_variables: int = field(
+        default=MAX_BLOCK_VARIABLES,
+        metadata={"help": "refuse a grid with more block variables than this (0 = no limit)"},
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:
@@ -148,6 +153,10 @@ class SolveConfig:
         for name in ("mass_scale", "redundancy_weight", "kv_cost", "contiguity", "milp_time_limit"):
             if getattr(self, name) < 0:
                 raise UserError(f"solve.{name} must be non-negative, got {getattr(self, name)}")
+        if self.max_block_variables < 0:
+            raise UserError(
+                f"solve.max_block_variables must be >= 0, got {self.max_block_variables}"
+            )
         if self.exact_layers < 0 or self.brute_force_max < 0 or self.sink_blocks < 0:
             raise UserError(
                 "solve.exact_layers, brute_force_max and sink_blocks must be non-negative"
@@ -328,8 +337,15 @@ def solve_field(
     """Keep/drop decisions for every head and block at the configured budget (pure: no files)."""
     _validate_field(field, field_meta, "field")
     t_start, cpu_start = time.perf_counter(), time.process_time()
+    num_layers, num_heads, nqb, _ = field["block_field"].shape
+    check_solve_size(
+        num_layers,
+        num_heads,
+        int(field_meta["seq_len"]),
+        int(field_meta["block_size"]),
+        cfg.max_block_variables,
+    )
     block_field = field["block_field"].double().numpy()
-    num_layers, num_heads, nqb, _ = block_field.shape
     num_kv = int(field_meta["num_kv_heads"])
     target, target_heads = budget(cfg, num_layers, num_heads, nqb)
     imp_key = "importance_grad" if cfg.importance_source == "grad" else "importance"
