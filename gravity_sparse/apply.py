@@ -17,6 +17,7 @@ import torch
 
 from .data import eval_loss, resolve_text, to_ids
 from .errors import UserError
+from .kernels.causal_cpu import set_training_kernel
 from .masks import Masks, attach_masks, detach_masks, read_masks
 
 
@@ -62,17 +63,26 @@ def sparse_loss(
     model: torch.nn.Module, masks: Masks | None, ids: torch.Tensor, cfg: ApplyConfig
 ) -> tuple[float, int]:
     """Held-out loss of the model with `masks` attached (None: dense); the model is left dense."""
+    # dense on CPU: the chunked CPU kernel too, not the reference's (B, H, S, S) tensors
+    dense_cpu = masks is None and (
+        cfg.kernel == "cpu"
+        or (cfg.kernel == "auto" and next(model.parameters()).device.type != "cuda")
+    )
     if masks is not None:
         if cfg.seq_len > masks.max_length:
             raise UserError(
                 f"apply.seq_len {cfg.seq_len} is longer than the masks' max_length {masks.max_length}"
             )
         attach_masks(model, masks, kernel=cfg.kernel)
+    elif dense_cpu:
+        set_training_kernel(model, True)
     try:
         return eval_loss(model, ids, cfg.seq_len, cfg.batch_size, cfg.max_tokens)
     finally:
         if masks is not None:
             detach_masks(model)
+        elif dense_cpu:
+            set_training_kernel(model, False)
 
 
 def evaluate_masks(

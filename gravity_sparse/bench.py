@@ -4,9 +4,9 @@ Prefill tokens/s at each configured length and decode tokens/s with a KV cache (
 prefilled context), median of `repeats` timed runs after `warmup` runs, plus peak memory (CUDA: allocator
 peak; CPU: not measured). The sparse model is the pruned model `export` writes (dropped heads removed, block
 masks kept) built in memory from the model and the masks; on CUDA its attention runs in the Triton kernel,
-on CPU in the reference path, which computes every block and masks afterwards — CPU numbers therefore show
-only what head pruning saves and are labelled as CPU. Lengths beyond the masks' max_length need
-`bench.extend: diagonal` (see `masks.extend_masks`).
+on CPU (kernel auto) dense and sparse both run the chunked CPU kernel, which computes every causal block
+and masks afterwards — CPU numbers therefore show only what head pruning saves and are labelled as CPU.
+Lengths beyond the masks' max_length need `bench.extend: diagonal` (see `masks.extend_masks`).
 
 Kernel-level speed (sparse vs dense kernel, FlexAttention, SDPA) is `benchmarks/bench_attention.py`.
 """
@@ -27,6 +27,7 @@ import torch
 from .configuration_gravity import GravityConfig
 from .errors import UserError
 from .export import prune_model
+from .kernels.causal_cpu import cpu_gravity_kernel, set_training_kernel
 from .masks import Masks, extend_masks
 from .modeling_gravity import GravityForCausalLM
 
@@ -143,6 +144,8 @@ def sparse_model(
         from .kernels import attach_kernel
 
         attach_kernel(pruned, backend="triton")
+    elif cfg.kernel == "auto":  # CPU: the chunked CPU kernel, no (B, H, S, S) tensors
+        set_training_kernel(pruned, True)
     return pruned
 
 
@@ -158,6 +161,43 @@ def run_bench(
             f"{model.config.max_position_embeddings}"
         )
     sparse = sparse_model(model, masks, cfg, longest)
+    dense_cpu = cfg.kernel == "auto" and device.type != "cuda"
+    if dense_cpu:  # the dense model through the same chunked CPU kernel as the sparse one
+        set_training_kernel(model, True)
+    try:
+        rows = _bench_rows(model, sparse, cfg, seed, device)
+    finally:
+        if dense_cpu:
+            set_training_kernel(model, False)
+    return {
+        "device": device_info(device),
+        "path": _path(sparse),
+        "density": masks.density(),
+        "heads_kept": masks.heads_kept(),
+        "heads_total": int(masks.head_keep.numel()),
+        "batch_size": cfg.batch_size,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "rows": rows,
+        "command": " ".join(sys.argv),
+    }
+
+
+def _path(sparse: GravityForCausalLM) -> str:
+    kernels = {getattr(a, "gravity_kernel", None) for a in sparse.gravity_layers()} - {None}
+    if not kernels:
+        return "reference (PyTorch)"
+    if cpu_gravity_kernel in kernels:
+        return "CPU kernel (chunked PyTorch, every causal block computed)"
+    return "triton kernel"
+
+
+def _bench_rows(
+    model: GravityForCausalLM,
+    sparse: GravityForCausalLM,
+    cfg: BenchConfig,
+    seed: int,
+    device: torch.device,
+) -> list[dict[str, Any]]:
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     rows: list[dict[str, Any]] = []
@@ -191,19 +231,7 @@ def run_bench(
                 and d["seq_len"] == r["seq_len"]
             )
             r["speedup_vs_dense"] = round(r["tokens_per_s"] / dense["tokens_per_s"], 3)
-    return {
-        "device": device_info(device),
-        "path": "triton kernel"
-        if any(getattr(a, "gravity_kernel", None) for a in sparse.gravity_layers())
-        else "reference (PyTorch)",
-        "density": masks.density(),
-        "heads_kept": masks.heads_kept(),
-        "heads_total": int(masks.head_keep.numel()),
-        "batch_size": cfg.batch_size,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "rows": rows,
-        "command": " ".join(sys.argv),
-    }
+    return rows
 
 
 def _row(
