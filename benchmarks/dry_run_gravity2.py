@@ -103,7 +103,7 @@ def stage_measure(args: argparse.Namespace, model, work: Path, seq_len: int) -> 
     )
     out = work / ("measure" if seq_len == args.seq_len else f"measure-{seq_len}")
     summary = run_measure(model, token_ids(args, args.measure_sequences * seq_len, 1), cfg, out)
-    keep = ("num_tokens", "loss", "tokens_per_s", "timings")
+    keep = ("num_tokens", "loss", "tokens_per_s", "timings_s")
     return {"seq_len": seq_len, **{k: summary[k] for k in keep if k in summary}}
 
 

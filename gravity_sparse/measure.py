@@ -172,14 +172,39 @@ class _Kernels:
                 attn.gravity_kernel = kernel
 
 
-def _token_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy of each sequence: logits (B, S, V), ids (B, S) -> (B,) fp32."""
-    losses = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2),
-        ids[:, 1:].expand(logits.shape[0], -1),
-        reduction="none",
-    )
-    return losses.mean(-1)
+LOSS_CHUNK = 512  # positions per lm_head + cross-entropy chunk
+
+
+def _sequence_losses(
+    model: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = LOSS_CHUNK
+) -> torch.Tensor:
+    """Mean next-token cross entropy of each sequence from final (normed) hidden states (B, S, E): (B,).
+
+    The lm_head runs over `chunk` positions at a time, so no (B, S, V) logits exist (at Gravity-2's
+    vocabulary of 151,936 they are 2.5 GB per 4k-token sequence in fp32, several times over inside the
+    cross entropy). With gradients each chunk is checkpointed: its logits are recomputed in the backward
+    instead of kept.
+    """
+    bsz, seq, _ = hidden.shape
+    targets = ids[:, 1:].expand(bsz, -1)
+
+    def part(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = model.lm_head(h).float()
+        return F.cross_entropy(logits.transpose(1, 2), t, reduction="none").sum(-1)
+
+    total = torch.zeros(bsz, dtype=torch.float32, device=hidden.device)
+    for start in range(0, seq - 1, chunk):
+        stop = min(seq - 1, start + chunk)
+        h, t = hidden[:, start:stop], targets[:, start:stop]
+        total = total + (
+            checkpoint(part, h, t, use_reentrant=False) if h.requires_grad else part(h, t)
+        )
+    return total / (seq - 1)
+
+
+def _final_hidden(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's normed last hidden states (B, S, E): the lm_head's input, without the logits."""
+    return model.model(input_ids=ids, use_cache=False).last_hidden_state
 
 
 def _field_pass(model, sequences, cfg, kernels, accs) -> float:
@@ -206,8 +231,8 @@ def _field_pass(model, sequences, cfg, kernels, accs) -> float:
     for batch in tqdm(batches, desc="measure: field", disable=not cfg.progress):
         ids = batch.to(device)
         with torch.no_grad():
-            logits = model(input_ids=ids, use_cache=False).logits
-        loss_sum += float(_token_losses(logits, ids).sum())
+            losses = _sequence_losses(model, _final_hidden(model, ids), ids)
+        loss_sum += float(losses.sum())
     return loss_sum / sequences.shape[0]
 
 
@@ -236,9 +261,9 @@ def _grad_importance(model, sequences, cfg, kernels) -> torch.Tensor:
         ids = batch.to(model.device)
         outs.clear()
         with torch.enable_grad():
-            logits = model(input_ids=ids, use_cache=False).logits
+            losses = _sequence_losses(model, _final_hidden(model, ids), ids)
             # per-sequence mean losses are independent, so one backward of their sum gives each one's
-            grads = torch.autograd.grad(_token_losses(logits, ids).sum(), outs)
+            grads = torch.autograd.grad(losses.sum(), outs)
         for layer, (out, grad) in enumerate(zip(outs, grads, strict=True)):
             per_seq = (grad.float() * out.detach().float()).sum(dim=(2, 3))  # (B, H)
             total[layer] += per_seq.abs().double().sum(0).cpu()
@@ -301,8 +326,8 @@ def _ablation_importance(model, sequences, cfg, kernels) -> torch.Tensor:
                 with torch.no_grad():
                     for j in range(layer, num_layers):
                         hidden = layers[j](hidden, **inputs[j][1])
-                    logits = model.lm_head(model.model.norm(hidden))
-                    losses = _token_losses(logits, ids).double().cpu()
+                    hidden = model.model.norm(hidden)
+                    losses = _sequence_losses(model, hidden, ids).double().cpu()
                 total[layer, ablated] += losses[1:] - losses[0]
                 bar.update()
         del inputs
