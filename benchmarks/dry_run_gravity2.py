@@ -43,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import ROOT, hwm_mib, provenance, reset_peak, rss_mib  # noqa: E402
 
+from gravity_sparse.stage import git_revision  # noqa: E402
+
 STAGES = ("measure", "solve", "apply", "export", "bench")
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -236,6 +238,7 @@ def run_stage(args: argparse.Namespace, stage: str, seq_len: int | None = None) 
         "peak_rss_mib": peak,
         "peak_minus_model_mib": peak - rss_model,
         "load_average": list(os.getloadavg()),
+        "git_revision": git_revision(),  # per stage: a resumed run may span commits
         **extra,
     }
 
