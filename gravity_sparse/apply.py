@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .data import eval_loss, resolve_text, to_ids
+from .chunked_loss import eval_loss_chunked
+from .data import resolve_text, to_ids
 from .errors import UserError
 from .kernels.causal_cpu import set_training_kernel
 from .masks import Masks, attach_masks, detach_masks, read_masks
@@ -77,7 +78,7 @@ def sparse_loss(
     elif dense_cpu:
         set_training_kernel(model, True)
     try:
-        return eval_loss(model, ids, cfg.seq_len, cfg.batch_size, cfg.max_tokens)
+        return eval_loss_chunked(model, ids, cfg.seq_len, cfg.batch_size, cfg.max_tokens)
     finally:
         if masks is not None:
             detach_masks(model)

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from .chunked_loss import LOSS_CHUNK, final_hidden, nll_sums
 from .errors import UserError
 from .field import LayerFieldAccumulator, fit_power_law, gravity_scores, head_locality
 
@@ -172,39 +173,13 @@ class _Kernels:
                 attn.gravity_kernel = kernel
 
 
-LOSS_CHUNK = 512  # positions per lm_head + cross-entropy chunk
-
-
 def _sequence_losses(
     model: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = LOSS_CHUNK
 ) -> torch.Tensor:
-    """Mean next-token cross entropy of each sequence from final (normed) hidden states (B, S, E): (B,).
-
-    The lm_head runs over `chunk` positions at a time, so no (B, S, V) logits exist (at Gravity-2's
-    vocabulary of 151,936 they are 2.5 GB per 4k-token sequence in fp32, several times over inside the
-    cross entropy). With gradients each chunk is checkpointed: its logits are recomputed in the backward
-    instead of kept.
-    """
-    bsz, seq, _ = hidden.shape
-    targets = ids[:, 1:].expand(bsz, -1)
-
-    def part(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = model.lm_head(h).float()
-        return F.cross_entropy(logits.transpose(1, 2), t, reduction="none").sum(-1)
-
-    total = torch.zeros(bsz, dtype=torch.float32, device=hidden.device)
-    for start in range(0, seq - 1, chunk):
-        stop = min(seq - 1, start + chunk)
-        h, t = hidden[:, start:stop], targets[:, start:stop]
-        total = total + (
-            checkpoint(part, h, t, use_reentrant=False) if h.requires_grad else part(h, t)
-        )
-    return total / (seq - 1)
-
-
-def _final_hidden(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The decoder's normed last hidden states (B, S, E): the lm_head's input, without the logits."""
-    return model.model(input_ids=ids, use_cache=False).last_hidden_state
+    """Mean next-token cross entropy of each sequence from final hidden states (B, S, E): (B,) fp32,
+    without (B, S, V) logits (`chunked_loss`)."""
+    targets = ids[:, 1:].expand(hidden.shape[0], -1)
+    return nll_sums(model, hidden[:, :-1], targets, chunk) / (hidden.shape[1] - 1)
 
 
 def _field_pass(model, sequences, cfg, kernels, accs) -> float:
@@ -231,7 +206,7 @@ def _field_pass(model, sequences, cfg, kernels, accs) -> float:
     for batch in tqdm(batches, desc="measure: field", disable=not cfg.progress):
         ids = batch.to(device)
         with torch.no_grad():
-            losses = _sequence_losses(model, _final_hidden(model, ids), ids)
+            losses = _sequence_losses(model, final_hidden(model, ids), ids)
         loss_sum += float(losses.sum())
     return loss_sum / sequences.shape[0]
 
@@ -261,7 +236,7 @@ def _grad_importance(model, sequences, cfg, kernels) -> torch.Tensor:
         ids = batch.to(model.device)
         outs.clear()
         with torch.enable_grad():
-            losses = _sequence_losses(model, _final_hidden(model, ids), ids)
+            losses = _sequence_losses(model, final_hidden(model, ids), ids)
             # per-sequence mean losses are independent, so one backward of their sum gives each one's
             grads = torch.autograd.grad(losses.sum(), outs)
         for layer, (out, grad) in enumerate(zip(outs, grads, strict=True)):
