@@ -135,7 +135,8 @@ def stage_apply(args: argparse.Namespace, model, work: Path) -> dict[str, Any]:
     return out
 
 
-def stage_export(args: argparse.Namespace, model, work: Path) -> dict[str, Any]:
+def stage_export(args: argparse.Namespace, holder: list, work: Path) -> dict[str, Any]:
+    """holder: [model], emptied here so that the model can be freed before the reload."""
     import torch
 
     from gravity_sparse.export import prune_model
@@ -143,6 +144,7 @@ def stage_export(args: argparse.Namespace, model, work: Path) -> dict[str, Any]:
     from gravity_sparse.kernels.causal_cpu import set_training_kernel
     from gravity_sparse.masks import attach_masks, read_masks
 
+    model = holder.pop()
     masks = read_masks(work / "solve" / "masks.safetensors")
     x = token_ids(args, args.seq_len, 3).view(1, -1)
     short = min(512, args.seq_len)
@@ -153,7 +155,7 @@ def stage_export(args: argparse.Namespace, model, work: Path) -> dict[str, Any]:
         ref_short = model(input_ids=x[:, :short], logits_to_keep=keep).logits.float()
     start = time.perf_counter()
     pruned = prune_model(model, masks)
-    del model  # the caller's reference goes too: at most two models are alive at once
+    del model  # the only reference (see holder): at most two models are alive at once
     gc.collect()
     out_dir = save_model(pruned, None, work / "export" / "model", overwrite=True)
     del pruned
@@ -221,7 +223,9 @@ def run_stage(args: argparse.Namespace, stage: str, seq_len: int | None = None) 
     elif stage == "apply":
         extra = stage_apply(args, model, work)
     elif stage == "export":
-        extra = stage_export(args, model, work)
+        holder = [model]
+        del model
+        extra = stage_export(args, holder, work)
     elif stage == "bench":
         extra = stage_bench(args, model, work)
     else:
