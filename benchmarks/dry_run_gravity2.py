@@ -295,6 +295,12 @@ def markdown(payload: dict[str, Any]) -> str:
             f"| {s['load_average'][0]:.1f} |"
         )
     lines += ["", f"Largest stage by peak RSS: {payload['largest_stage']}."]
+    for name, s in payload.get("superseded", {}).items():
+        lines.append(
+            f"Superseded record `{name}` (revision {s.get('git_revision', '?')}): wall "
+            f"{s['wall_s']:.1f} s, peak RSS {s['peak_rss_mib']:.0f} MiB, peak − model "
+            f"{s['peak_minus_model_mib']:.0f} MiB. {s.get('note', '')}"
+        )
     sweep = payload.get("memory_sweep") or {}
     if sweep:
         lines += [
@@ -404,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         "stages": state["stages"],
         "memory_sweep": state["memory_sweep"],
         "largest_stage": largest(state["stages"]),
+        "superseded": state.get(
+            "superseded", {}
+        ),  # earlier records of a stage, kept for comparison
         "notes": [
             "measure uses importance=grad: exact ablation is ≈ 300 forwards per sequence at 36 layers",
             "bench decode rows use the model's KV cache, which transformers 5.25 does not update "
