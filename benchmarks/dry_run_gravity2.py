@@ -285,7 +285,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "| stage | status | wall s | model build s | model MiB | peak RSS MiB | peak − model MiB | load |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, s in payload["stages"].items():
+    ordered = sorted(payload["stages"].items(), key=lambda kv: STAGES.index(kv[0]))
+    for name, s in ordered:
         if s.get("status") != "ok":
             lines.append(f"| {name} | {s.get('status')} | | | | | | |")
             continue
