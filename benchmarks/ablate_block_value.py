@@ -1,6 +1,7 @@
 """Which block values should the QUBO use? Held-out loss of each formulation variant at one budget.
 
     python benchmarks/ablate_block_value.py -c pipelines/tiny.yaml --out benchmarks/results/<date>-tiny-block-value
+    python benchmarks/ablate_block_value.py -c pipelines/tiny.yaml --smoke --out /tmp/smoke/ablate  # tests
 
 Reads the run's measured field (`RUN/01_measure`), solves the QUBO for every (solve.block_value,
 solve.block_scale) pair at the config's density and head budget, adds the baselines at the same budget,
@@ -16,35 +17,66 @@ import sys
 import time
 from pathlib import Path
 
-from gravity_sparse.model.data import encode_text, resolve_text
-from gravity_sparse.model.io import load_model
-from gravity_sparse.model.masks import Masks
-from gravity_sparse.run.artifacts import require_stage
-from gravity_sparse.run.config import load_config
-from gravity_sparse.run.pipeline import PipelineConfig
-from gravity_sparse.stages.s2_solve.field_io import read_field
-from gravity_sparse.stages.s2_solve.solve import solve_field
-from gravity_sparse.stages.s3_apply.apply import sparse_loss
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import provenance  # noqa: E402
+
+from gravity_sparse.model.data import encode_text, resolve_text  # noqa: E402
+from gravity_sparse.model.io import load_model  # noqa: E402
+from gravity_sparse.model.masks import Masks  # noqa: E402
+from gravity_sparse.run.artifacts import require_stage  # noqa: E402
+from gravity_sparse.run.config import load_config  # noqa: E402
+from gravity_sparse.run.pipeline import PipelineConfig  # noqa: E402
+from gravity_sparse.stages.s1_measure.measure import run_measure  # noqa: E402
+from gravity_sparse.stages.s2_solve.field_io import read_field  # noqa: E402
+from gravity_sparse.stages.s2_solve.solve import solve_field  # noqa: E402
+from gravity_sparse.stages.s3_apply.apply import sparse_loss  # noqa: E402
 
 VARIANTS = [(v, s) for v in ("profile", "kl", "mass") for s in ("flat", "importance")]
 
 
-def main() -> int:
+SMOKE = [
+    "measure.seq_len=64",
+    "measure.block_size=8",
+    "measure.num_sequences=2",
+    "measure.importance=grad",
+    "solve.num_sweeps=50",
+    "apply.seq_len=64",
+    "apply.max_tokens=128",
+    "heal.seq_len=64",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--out", type=Path, required=True, help="output path without extension")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="measure a tiny field first (into --out's folder), short windows: seconds (tests)",
+    )
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
-    cfg = load_config(PipelineConfig, args.config, args.overrides)
-    tensors, meta = read_field(require_stage(cfg.run_path(), "measure") / "field.safetensors")
+    args = p.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.smoke:
+        overrides = [*SMOKE, f"run_dir={args.out.parent / 'smoke-run'}", *overrides]
+    cfg = load_config(PipelineConfig, args.config, overrides)
     model, tok = load_model(
         cfg.model.path, dtype=cfg.model.torch_dtype(), device=cfg.model.torch_device()
     )
+    if args.smoke:
+        measured = cfg.run_path() / "01_measure"
+        ids = encode_text(tok, resolve_text(cfg.calibration_text))
+        run_measure(model, ids, dataclasses.replace(cfg.measure, plots=False), measured)
+        tensors, meta = read_field(measured / "field.safetensors")
+    else:
+        tensors, meta = read_field(require_stage(cfg.run_path(), "measure") / "field.safetensors")
     ids = encode_text(tok, resolve_text(cfg.apply.eval_text))
     block, length = int(meta["block_size"]), int(meta["seq_len"])
     rows = [{"pattern": "dense", "loss": sparse_loss(model, None, ids, cfg.apply)[0]}]
     start = time.perf_counter()
-    for value, scale in VARIANTS:
+    for value, scale in VARIANTS[:2] if args.smoke else VARIANTS:
         solve_cfg = dataclasses.replace(
             cfg.solve,
             block_value=value,
@@ -77,6 +109,8 @@ def main() -> int:
     dense = rows[0]["loss"]
     result = {
         "command": " ".join(sys.argv),
+        "provenance": provenance({"config": args.config, "overrides": overrides}),
+        "smoke": args.smoke,
         "config": {
             "density": cfg.solve.density,
             "head_drop": cfg.solve.head_drop,

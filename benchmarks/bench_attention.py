@@ -30,6 +30,9 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import provenance  # noqa: E402
 
 from gravity_sparse.kernels import build_block_index, gravity_attention  # noqa: E402
 from gravity_sparse.kernels.block_index import BlockIndex, default_kv_groups  # noqa: E402
@@ -464,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, block_size=args.block_size,
         dtype="float32" if args.smoke else "bfloat16", smoke=args.smoke,
     )  # fmt: skip
+    meta["provenance"] = provenance(vars(args))  # git revision and the config of this run
     peaks = (meta["peak_bf16_tflops"], meta["peak_hbm_tbs"])
     rows: list[dict] = []
     for s in args.seq_lens:

@@ -1,6 +1,7 @@
 """Benchmark of the measure stage on CPU: calibration tokens/s, and peak memory against calibration tokens.
 
     python benchmarks/bench_measure.py [--sequences 2,4,8,16,32] [--batch-size 4] [--threads 2]
+    python benchmarks/bench_measure.py --smoke --out /tmp/smoke     # seconds; the test suite runs it
 
 Model: `checkpoints/gravity-tiny` when it exists, else a random model of the same shape (4 layers,
 hidden 256, 8 query / 2 KV heads, seq_len 512); the output says which. Text: the calibration split of the
@@ -31,6 +32,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import provenance  # noqa: E402
 
 from gravity_sparse.model.configuration_gravity import GravityConfig  # noqa: E402
 from gravity_sparse.model.modeling_gravity import GravityForCausalLM  # noqa: E402
@@ -192,7 +196,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", default="2,4,8,16,32")
     parser.add_argument("--seq-len", type=int, default=512)
@@ -207,15 +211,25 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--smoke", action="store_true", help="1 and 2 short sequences in-process, seconds (tests)"
+    )
+    args = parser.parse_args(argv)
     if args.child:
         args.sequences = int(args.sequences)
         print(json.dumps(child(args)))
         return
+    if args.smoke:
+        args.sequences, args.seq_len, args.block_size = "1,2", 64, 16
+        args.batch_size, args.importance, args.gravity2_sequences = 1, "grad", ""
 
     points = []
     for n in map(int, args.sequences.split(",")):
-        points.append(run_point(args, n, "tiny", args.seq_len))
+        if args.smoke:  # in this process: memory numbers are not per point
+            point_args = argparse.Namespace(**{**vars(args), "sequences": n})
+            points.append(child(point_args))
+        else:
+            points.append(run_point(args, n, "tiny", args.seq_len))
         print(json.dumps(points[-1]), file=sys.stderr)
     g2 = []
     for n in filter(None, args.gravity2_sequences.split(",")):
@@ -248,6 +262,8 @@ def main() -> None:
         "gravity2_layer": g2,
         "gravity2_seq_len": 4096,
         "verdict": verdict,
+        "smoke": args.smoke,
+        "provenance": provenance(vars(args)),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{result['date']}-measure-cpu"

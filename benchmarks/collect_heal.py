@@ -98,12 +98,12 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True, help="output path without extension")
     p.add_argument("--full-heldout", action="store_true", help="re-evaluate on the whole held-out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     rows = [collect(run, args.full_heldout) for run in args.runs]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")

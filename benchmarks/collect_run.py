@@ -93,11 +93,11 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path)
     p.add_argument("out", type=Path, help="output path without extension")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     result = collect(args.run)
     result["collect_command"] = " ".join(sys.argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,19 @@ from torch.nn import functional as F
 from .reference import is_plain_causal, reference_attention
 
 
+def _blocked_rows(blocked, a: int, b: int) -> torch.Tensor:
+    """Rows a..b−1 of the forbidden-key mask over keys 0..b−1: (Hq, b − a, b) bool.
+
+    `blocked` is either that mask for the whole sequence, (Hq, S, S), or (block_mask (Hq, NQB, NKB),
+    block_size), expanded here one chunk at a time so that no (S, S) tensor exists.
+    """
+    if isinstance(blocked, tuple):
+        block_mask, block_size = blocked
+        pos = torch.arange(b, device=block_mask.device) // block_size
+        return ~block_mask[:, pos[a:b]][:, :, pos]
+    return blocked[:, a:b, :b]
+
+
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     """x in at least fp32 (fp64 stays fp64, for gradcheck)."""
     return x if x.dtype == torch.float64 else x.float()
@@ -33,6 +46,8 @@ class CausalGravityAttention(torch.autograd.Function):
     rounding makes it negative).
 
     q (B, Hq, S, D), k/v (B, Hkv, S, D), mass_log (Hq,), kv_groups (Hq,) long -> (B, Hq, S, D).
+    `blocked` may also be (block_mask (Hq, NQB, NKB), block_size), expanded chunk by chunk; without
+    gradients (inference) no chunk is kept, so memory is O(chunk · S) per head, not O(S²).
     Forbidden keys get probability 0, so the backward needs no mask: every term below carries a factor p.
     Backward, with s = M² r, p = softmax(s), o = p v, δ_i = Σ_j p_ij dp_ij = do_i · o_i:
         ds = p (dp − δ),  dM² = Σ ds r,  g = ∂L/∂d² = −M² ds r²,
@@ -55,6 +70,7 @@ class CausalGravityAttention(torch.autograd.Function):
         out = torch.empty_like(qc)
         saved = []
         future = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
+        training = any(ctx.needs_input_grad[:4])
         for a in range(0, s, chunk):
             b = min(a + chunk, s)
             r = torch.baddbmm(kn[:, :, :b], qc[:, a:b], kc[:, :b].transpose(1, 2), alpha=-2.0)
@@ -62,10 +78,13 @@ class CausalGravityAttention(torch.autograd.Function):
             scores = r * m2
             scores[:, :, a:b].masked_fill_(future[: b - a, : b - a], float("-inf"))
             if blocked is not None:
-                scores.view(bsz, hq, b - a, b).masked_fill_(blocked[:, a:b, :b], float("-inf"))
+                scores.view(bsz, hq, b - a, b).masked_fill_(
+                    _blocked_rows(blocked, a, b), float("-inf")
+                )
             p = torch.softmax(scores, dim=-1)
             torch.bmm(p, vf[:, :b], out=out[:, a:b])
-            saved += [r, p]
+            if training:  # without a backward to come, a chunk's (rows, keys) tensors die here
+                saved += [r, p]
         ctx.save_for_backward(qc, kc, vf, out, mass_log, kv_groups, *saved)
         ctx.shape, ctx.chunk = (bsz, hq, k.shape[1], s, d), chunk
         return out.view(bsz, hq, s, d).to(q.dtype)
@@ -151,10 +170,9 @@ def cpu_attention(
             kv_groups[idx],
         )
     blocked = None
-    if bm is not None:
-        pos = torch.arange(s, device=q.device) // bs
+    if bm is not None:  # expanded chunk by chunk inside (`_blocked_rows`): no (S, S) mask
         heads = bm.to(q.device) if idx is None else bm.to(q.device).index_select(0, idx)
-        blocked = ~heads[:, pos][:, :, pos]  # (kept heads, S, S)
+        blocked = (heads, bs)
     out = CausalGravityAttention.apply(q, k, v, mass_log, kv_groups, eps, 64, blocked)
     if idx is None:
         return out

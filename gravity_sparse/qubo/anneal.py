@@ -14,7 +14,8 @@ range is set from the problem, not by neal's default: neal heats until the large
 accepted half the time, and a head coupled to hundreds of blocks has a huge one, so most sweeps would be
 spent with blocks at random. Here the hot end accepts a typical head flip (ΔE ≈ median head importance)
 half the time and the cold end rejects a near-marginal block flip (10th percentile of |λ − c_hb|) with
-probability 0.99. Optional steepest-descent polish (dwave-samplers) lands on a local minimum.
+probability 0.99. Optional polish: steepest descent (dwave-samplers) to a local minimum, then compound head
+moves (`polish.head_moves`: a head flipped with its blocks) and steepest descent again.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from gravity_sparse.qubo.formulation import (
     split_state,
     violations,
 )
+from gravity_sparse.qubo.polish import head_moves
 
 
 def _head_fields(terms: Terms, lam: float, mu: float, x: np.ndarray, h: int) -> np.ndarray:
@@ -148,6 +150,15 @@ def subproblem_seed(seed: int, layer: int, component: int) -> int:
     return int(np.random.SeedSequence([seed, layer, component]).generate_state(1)[0]) & 0x7FFFFFFF
 
 
+def _descend(bqm, sub: Subproblem, state: np.ndarray, seed: int) -> np.ndarray:
+    """Steepest descent (dwave-samplers) from `state` to a single-flip local minimum."""
+    polished = SteepestDescentSolver().sample(
+        bqm, initial_states=(state[None, :], list(range(sub.num_variables))), seed=seed
+    )
+    porder = np.argsort(np.asarray(list(polished.variables)))
+    return polished.record.sample[0, porder].astype(np.int8)
+
+
 def anneal_subproblem(
     sub: Subproblem,
     terms: Terms,
@@ -172,11 +183,11 @@ def anneal_subproblem(
     energy_anneal = float(samples.record.energy[best])
     raw = violations(sub, nb, state, terms.kv_groups)
     if polish:
-        polished = SteepestDescentSolver().sample(
-            bqm, initial_states=(state[None, :], list(range(sub.num_variables))), seed=seed
-        )
-        porder = np.argsort(np.asarray(list(polished.variables)))
-        state = polished.record.sample[0, porder].astype(np.int8)
+        state = _descend(bqm, sub, state, seed)
+        # compound head moves (see polish.py), then the blocks settle again
+        state, moves = head_moves(sub, terms, lam, state)
+        if moves:
+            state = _descend(bqm, sub, state, seed)
     state = canonical(sub, nb, state, terms.kv_groups)
     energy = float(sub.energy(state[None, :])[0])
     return SubResult(

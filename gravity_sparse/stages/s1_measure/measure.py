@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from gravity_sparse.errors import UserError
+from gravity_sparse.model.chunked_loss import LOSS_CHUNK, final_hidden, nll_sums
 from gravity_sparse.model.modeling_gravity import gravity_scores
 from gravity_sparse.stages.s1_measure.config import MeasureConfig
 from gravity_sparse.stages.s1_measure.field import (
@@ -119,14 +120,13 @@ class _Kernels:
                 attn.gravity_kernel = kernel
 
 
-def _token_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy of each sequence: logits (B, S, V), ids (B, S) -> (B,) fp32."""
-    losses = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2),
-        ids[:, 1:].expand(logits.shape[0], -1),
-        reduction="none",
-    )
-    return losses.mean(-1)
+def _sequence_losses(
+    model: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = LOSS_CHUNK
+) -> torch.Tensor:
+    """Mean next-token cross entropy of each sequence from final hidden states (B, S, E): (B,) fp32,
+    without (B, S, V) logits (`chunked_loss`)."""
+    targets = ids[:, 1:].expand(hidden.shape[0], -1)
+    return nll_sums(model, hidden[:, :-1], targets, chunk) / (hidden.shape[1] - 1)
 
 
 def _field_pass(model, sequences, cfg, kernels, accs) -> float:
@@ -153,8 +153,8 @@ def _field_pass(model, sequences, cfg, kernels, accs) -> float:
     for batch in tqdm(batches, desc="measure: field", disable=not cfg.progress):
         ids = batch.to(device)
         with torch.no_grad():
-            logits = model(input_ids=ids, use_cache=False).logits
-        loss_sum += float(_token_losses(logits, ids).sum())
+            losses = _sequence_losses(model, final_hidden(model, ids), ids)
+        loss_sum += float(losses.sum())
     return loss_sum / sequences.shape[0]
 
 
@@ -183,9 +183,9 @@ def _grad_importance(model, sequences, cfg, kernels) -> torch.Tensor:
         ids = batch.to(model.device)
         outs.clear()
         with torch.enable_grad():
-            logits = model(input_ids=ids, use_cache=False).logits
+            losses = _sequence_losses(model, final_hidden(model, ids), ids)
             # per-sequence mean losses are independent, so one backward of their sum gives each one's
-            grads = torch.autograd.grad(_token_losses(logits, ids).sum(), outs)
+            grads = torch.autograd.grad(losses.sum(), outs)
         for layer, (out, grad) in enumerate(zip(outs, grads, strict=True)):
             per_seq = (grad.float() * out.detach().float()).sum(dim=(2, 3))  # (B, H)
             total[layer] += per_seq.abs().double().sum(0).cpu()
@@ -248,8 +248,8 @@ def _ablation_importance(model, sequences, cfg, kernels) -> torch.Tensor:
                 with torch.no_grad():
                     for j in range(layer, num_layers):
                         hidden = layers[j](hidden, **inputs[j][1])
-                    logits = model.lm_head(model.model.norm(hidden))
-                    losses = _token_losses(logits, ids).double().cpu()
+                    hidden = model.model.norm(hidden)
+                    losses = _sequence_losses(model, hidden, ids).double().cpu()
                 total[layer, ablated] += losses[1:] - losses[0]
                 bar.update()
         del inputs

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from gravity_sparse.errors import UserError
+from gravity_sparse.qubo.limits import MAX_BLOCK_VARIABLES
 from gravity_sparse.qubo.registry import BASELINES, BRUTE_FORCE_MAX
 
 DEFAULT_EPS = 0.1  # GravityConfig's gravity_eps default (a model without the key has this ε)
@@ -87,6 +88,10 @@ class SolveConfig:
     penalty_margin: float = field(
         default=1.0, metadata={"help": "constraint penalty margin, in mean block values"}
     )
+    max_block_variables: int = field(
+        default=MAX_BLOCK_VARIABLES,
+        metadata={"help": "refuse a grid with more block variables than this (0 = no limit)"},
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:
@@ -124,6 +129,10 @@ class SolveConfig:
         for name in ("mass_scale", "redundancy_weight", "kv_cost", "contiguity", "milp_time_limit"):
             if getattr(self, name) < 0:
                 raise UserError(f"solve.{name} must be non-negative, got {getattr(self, name)}")
+        if self.max_block_variables < 0:
+            raise UserError(
+                f"solve.max_block_variables must be >= 0, got {self.max_block_variables}"
+            )
         if self.exact_layers < 0 or self.brute_force_max < 0 or self.sink_blocks < 0:
             raise UserError(
                 "solve.exact_layers, brute_force_max and sink_blocks must be non-negative"

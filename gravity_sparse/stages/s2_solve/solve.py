@@ -29,6 +29,7 @@ from gravity_sparse.qubo.formulation import (
     offdiag_blocks,
     violations,
 )
+from gravity_sparse.qubo.limits import check_solve_size
 from gravity_sparse.qubo.profile import profile_field
 from gravity_sparse.stages.s2_solve.config import DEFAULT_EPS, SolveConfig, resolve_eps
 from gravity_sparse.stages.s2_solve.field_io import validate_field
@@ -154,8 +155,15 @@ def solve_field(
     eps = resolve_eps(cfg, eps)
     validate_field(field, field_meta, "field")
     t_start, cpu_start = time.perf_counter(), time.process_time()
+    num_layers, num_heads, nqb, _ = field["block_field"].shape
+    check_solve_size(
+        num_layers,
+        num_heads,
+        int(field_meta["seq_len"]),
+        int(field_meta["block_size"]),
+        cfg.max_block_variables,
+    )
     block_field = field["block_field"].double().numpy()
-    num_layers, num_heads, nqb, _ = block_field.shape
     num_kv = int(field_meta["num_kv_heads"])
     target, target_heads = budget(cfg, num_layers, num_heads, nqb)
     imp_key = "importance_grad" if cfg.importance_source == "grad" else "importance"

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from gravity_sparse.errors import UserError
-from gravity_sparse.model.data import encode_text, eval_loss, resolve_text
+from gravity_sparse.kernels.attach import attach_kernel, detach_kernel
+from gravity_sparse.model.chunked_loss import eval_loss_chunked
+from gravity_sparse.model.data import encode_text, resolve_text
 from gravity_sparse.model.masks import (
     Masks,
     attach_masks,
@@ -49,18 +51,27 @@ def masks_in(solve_dir: Path, baselines: bool = True) -> dict[str, Path]:
 def sparse_loss(
     model: torch.nn.Module, masks: Masks | None, ids: torch.Tensor, cfg: ApplyConfig
 ) -> tuple[float, int]:
-    """Held-out loss of the model with `masks` attached (None: dense); the model is left dense."""
+    """Held-out loss of the model with `masks` attached (None: dense); the model is left dense.
+
+    Dense and sparse run on the same backend (`apply.kernel`, resolved once): on CPU the chunked CPU
+    kernel, so neither materialises (B, H, S, S) probabilities, and the logits are never all alive at
+    once (`eval_loss_chunked`).
+    """
     if masks is not None:
         if cfg.seq_len > masks.max_length:
             raise UserError(
                 f"apply.seq_len {cfg.seq_len} is longer than the masks' max_length {masks.max_length}"
             )
         attach_masks(model, masks, kernel=cfg.kernel)
+    else:
+        attach_kernel(model, cfg.kernel)
     try:
-        return eval_loss(model, ids, cfg.seq_len, cfg.batch_size, cfg.max_tokens)
+        return eval_loss_chunked(model, ids, cfg.seq_len, cfg.batch_size, cfg.max_tokens)
     finally:
         if masks is not None:
             detach_masks(model)
+        else:
+            detach_kernel(model)
 
 
 def evaluate_masks(

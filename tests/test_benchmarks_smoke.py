@@ -1,0 +1,130 @@
+"""Every script in benchmarks/ runs in its smoke mode, so a changed default cannot break one unseen.
+
+The smoke modes run the scripts' own code paths at tiny sizes (seconds each); the collectors need a
+finished pipeline run and are in the slow tier. A new script without a smoke test fails
+`test_every_benchmark_has_a_smoke_test`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+SMOKED = {
+    "ablate_block_value",
+    "bench_attention",
+    "bench_measure",
+    "bench_solve",
+    "collect_heal",
+    "collect_run",
+    "dry_run_gravity2",
+}
+
+
+def _script(name: str) -> ModuleType:
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_smoke_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_benchmark_has_a_smoke_test():
+    scripts = {p.stem for p in BENCHMARKS.glob("*.py") if not p.stem.startswith("_")}
+    assert scripts == SMOKED
+
+
+def _provenance_ok(prov: dict) -> None:
+    assert prov["git_revision"] is None or len(prov["git_revision"]) >= 40
+    assert prov["config"] and prov["command"]
+
+
+def test_bench_solve_smoke(tmp_path):
+    assert _script("bench_solve").main(["--smoke", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("*-solve-cpu.json")
+    payload = json.loads(result.read_text())
+    _provenance_ok(payload["provenance"])
+    (case,) = payload["cases"]
+    assert case["case"] == "tiny" and case["constraint_violations"] == 0 and case["meets_gap"]
+    assert "block_size=1024" in payload["long_context"][0]["refused"]
+
+
+def test_bench_measure_smoke(tmp_path):
+    _script("bench_measure").main(["--smoke", "--out", str(tmp_path)])
+    payload = json.loads(next(tmp_path.glob("*-measure-cpu.json")).read_text())
+    _provenance_ok(payload["provenance"])
+    assert [p["sequences"] for p in payload["points"]] == [1, 2]
+
+
+def test_bench_attention_smoke(tmp_path):
+    out = tmp_path / "attention"
+    assert _script("bench_attention").main(["--smoke", "--out", str(out)]) == 0
+    payload = json.loads(out.with_suffix(".json").read_text())
+    _provenance_ok(payload["meta"]["provenance"])
+    assert payload["rows"]
+
+
+def test_ablate_block_value_smoke(tmp_path):
+    out = tmp_path / "ablate"
+    argv = ["-c", str(ROOT / "pipelines" / "tiny.yaml"), "--smoke", "--out", str(out)]
+    assert _script("ablate_block_value").main(argv) == 0
+    payload = json.loads(out.with_suffix(".json").read_text())
+    _provenance_ok(payload["provenance"])
+    assert payload["rows"][0]["pattern"] == "dense" and len(payload["rows"]) > 3
+
+
+@pytest.mark.slow
+def test_dry_run_gravity2_smoke(tmp_path):
+    argv = ["--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path)]
+    assert _script("dry_run_gravity2").main(argv) == 0
+    payload = json.loads(next(tmp_path.glob("*-gravity2-shape-cpu.json")).read_text())
+    _provenance_ok(payload["provenance"])
+    assert all(s["status"] == "ok" for s in payload["stages"].values())
+    assert set(payload["stages"]) == {"measure", "solve", "apply", "export", "bench"}
+    assert payload["stages"]["export"]["parity_max_abs_diff_cpu_kernel"] < 1e-2
+    # resumable: a second run skips every finished stage
+    assert _script("dry_run_gravity2").main(argv) == 0
+
+
+@pytest.mark.slow
+def test_collectors_on_a_pipeline_run(tmp_path, capsys):
+    from tiny_models import tiny_model
+
+    from gravity_sparse import save_model
+    from gravity_sparse.cli import main
+    from gravity_sparse.model.tokenizer import build_tokenizer
+
+    model_dir = save_model(tiny_model(seed=5), build_tokenizer(), tmp_path / "model")
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "model": {"path": str(model_dir), "device": "cpu"},
+        "measure": {"seq_len": 64, "block_size": 16, "num_sequences": 2, "ablation_sequences": 1},
+        "solve": {"density": 0.5, "num_sweeps": 50},
+        "apply": {"seq_len": 64, "max_tokens": 256},
+        "heal": {
+            "seq_len": 64,
+            "batch_size": 2,
+            "token_budget": 2 * 64 * 2,
+            "eval_every": 1,
+            "eval_max_tokens": 256,
+        },
+        "export": {"parity_len": 32},
+        "bench": {"prefill_lengths": [32], "decode_context": 16, "decode_tokens": 2, "repeats": 1},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path)]) == 0, capsys.readouterr().err[-2000:]
+    run = tmp_path / "run"
+    assert _script("collect_run").main([str(run), str(tmp_path / "collected")]) == 0
+    assert json.loads((tmp_path / "collected.json").read_text())["git_revision"]
+    assert _script("collect_heal").main([str(run), "--out", str(tmp_path / "heal")]) == 0
+    assert json.loads((tmp_path / "heal.json").read_text())[0]
