@@ -411,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"measure at {t}: running ({time.strftime('%H:%M:%S')})", file=sys.stderr)
         state["memory_sweep"][str(t)] = run("measure", t)
         save()
+    measured = state["stages"].get("measure", {})
+    if (
+        args.memory_sweep and measured.get("status") == "ok"
+    ):  # the stage is the sweep's point at seq_len
+        state["memory_sweep"].setdefault(str(measured.get("seq_len", args.seq_len)), measured)
     payload = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "provenance": provenance({k: v for k, v in vars(args).items() if k != "passthrough"}),

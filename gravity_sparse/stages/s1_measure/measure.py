@@ -33,7 +33,12 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from gravity_sparse.errors import UserError
-from gravity_sparse.model.chunked_loss import LOSS_CHUNK, final_hidden, nll_sums
+from gravity_sparse.model.chunked_loss import (
+    LOSS_CHUNK,
+    checkpointed_layers,
+    final_hidden,
+    nll_sums,
+)
 from gravity_sparse.model.modeling_gravity import gravity_scores
 from gravity_sparse.stages.s1_measure.config import MeasureConfig
 from gravity_sparse.stages.s1_measure.field import (
@@ -182,11 +187,12 @@ def _grad_importance(model, sequences, cfg, kernels) -> torch.Tensor:
     ):
         ids = batch.to(model.device)
         outs.clear()
-        with torch.enable_grad():
+        with torch.enable_grad(), checkpointed_layers(model):
             losses = _sequence_losses(model, final_hidden(model, ids), ids)
+            targets = list(outs)  # the layers' recompute in the backward appends to outs again
             # per-sequence mean losses are independent, so one backward of their sum gives each one's
-            grads = torch.autograd.grad(losses.sum(), outs)
-        for layer, (out, grad) in enumerate(zip(outs, grads, strict=True)):
+            grads = torch.autograd.grad(losses.sum(), targets)
+        for layer, (out, grad) in enumerate(zip(targets, grads, strict=True)):
             per_seq = (grad.float() * out.detach().float()).sum(dim=(2, 3))  # (B, H)
             total[layer] += per_seq.abs().double().sum(0).cpu()
     return (total / sequences.shape[0]).float()
