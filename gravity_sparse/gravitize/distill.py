@@ -8,24 +8,16 @@ too. The adapter is merged at the end, so the result is a plain gravity model.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from ..model.data import BlockDataset
+from ..stages.s4_heal.heal import KeepBest, kl_to_teacher
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher ‖ student) in nats per token, averaged over tokens."""
-    log_s = F.log_softmax(student_logits.float(), -1)
-    log_t = F.log_softmax(teacher_logits.float(), -1)
-    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
 
 
 class DistillTrainer(Trainer):
@@ -45,27 +37,6 @@ class DistillTrainer(Trainer):
                 outputs.logits, teacher
             )
         return (loss, outputs) if return_outputs else loss
-
-
-class _KeepBest(TrainerCallback):
-    def __init__(self, model: torch.nn.Module):
-        self.model, self.best, self.state = model, math.inf, None
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        loss = (metrics or {}).get("eval_loss")
-        if loss is not None and loss < self.best:
-            self.best = loss
-            self.state = {
-                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
-            }
-        return control
-
-    def restore(self) -> None:
-        if self.state is not None:
-            params = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for n, t in self.state.items():
-                    params[n].copy_(t)
 
 
 def distill_model(
@@ -120,7 +91,7 @@ def distill_model(
         remove_unused_columns=False,
         disable_tqdm=False,
     )
-    keep = _KeepBest(peft_model)
+    keep = KeepBest(peft_model, patience=steps + 1)  # keeps the best state, never stops early
     trainer = DistillTrainer(
         model=peft_model,
         args=args,

@@ -3,13 +3,12 @@
 At Gravity-2's vocabulary (151,936) one 4k-token sequence has 1.2 GB of bf16 logits, 2.5 GB in fp32 and as
 much again inside the cross entropy; these helpers keep one chunk of positions alive at a time (under
 gradients each chunk is checkpointed, its logits recomputed in the backward). Same numbers as the full-logit
-loss up to float summation order (tests/test_measure_losses.py).
+loss up to float summation order (tests/stages/s1_measure/test_losses.py). `data.eval_loss` uses them.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 
@@ -41,31 +40,6 @@ def nll_sums(
             checkpoint(part, h, t, use_reentrant=False) if h.requires_grad else part(h, t)
         )
     return total
-
-
-@torch.no_grad()
-def eval_loss_chunked(
-    model: torch.nn.Module,
-    text_or_ids: str | bytes | Sequence[int] | torch.Tensor,
-    seq_len: int,
-    batch_size: int,
-    max_tokens: int | None = None,
-) -> tuple[float, int]:
-    """`data.eval_loss` (same windows, same mean) with the lm_head applied in chunks of positions."""
-    from .data import iter_batches, token_blocks
-
-    max_blocks = None if max_tokens is None else max(1, math.ceil(max_tokens / seq_len))
-    blocks = token_blocks(text_or_ids, seq_len, max_blocks)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for batch in iter_batches(blocks, batch_size):
-        batch = batch.to(device)
-        total += float(nll_sums(model, final_hidden(model, batch[:, :-1]), batch[:, 1:]).sum())
-    model.train(was_training)
-    count = blocks.shape[0] * seq_len
-    return total / count, count
 
 
 @contextmanager

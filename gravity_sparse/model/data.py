@@ -214,8 +214,11 @@ def eval_loss(
     """Mean next-token loss (nats/token) over non-overlapping windows, and the number of tokens scored.
 
     Deterministic: the same windows in the same order every time; with max_tokens only the first
-    ceil(max_tokens / seq_len) windows count.
+    ceil(max_tokens / seq_len) windows count. The lm_head runs over chunks of positions
+    (`chunked_loss`), so no (B, S, V) logits exist at once.
     """
+    from .chunked_loss import final_hidden, nll_sums
+
     max_blocks = None if max_tokens is None else max(1, math.ceil(max_tokens / seq_len))
     blocks = token_blocks(ids, seq_len, max_blocks)
     device = next(model.parameters()).device
@@ -223,7 +226,8 @@ def eval_loss(
     model.eval()
     total = 0.0
     for batch in iter_batches(blocks, batch_size):
-        total += block_loss(model, batch.to(device), reduction="sum").item()
+        batch = batch.to(device)
+        total += float(nll_sums(model, final_hidden(model, batch[:, :-1]), batch[:, 1:]).sum())
     model.train(was_training)
     count = blocks.shape[0] * seq_len
     return total / count, count

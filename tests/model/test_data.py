@@ -6,6 +6,7 @@ from pydoc_data.topics import topics
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from gravity_sparse.errors import UserError
 from gravity_sparse.model.data import (
@@ -131,14 +132,28 @@ def test_block_dataset_items():
 
 
 class _FixedLogits(torch.nn.Module):
-    """A 'model' whose next-token logits are a fixed table indexed by the current token."""
+    """A causal-LM-shaped 'model' whose next-token logits are a fixed table indexed by the current
+    token: the decoder's hidden state is the token's one-hot vector, the lm_head multiplies by the table."""
 
     def __init__(self, table: torch.Tensor):
         super().__init__()
         self.table = torch.nn.Parameter(table)
+        self.model = self._Decoder(table.shape[0])
+
+    class _Decoder(torch.nn.Module):
+        def __init__(self, vocab: int):
+            super().__init__()
+            self.vocab = vocab
+
+        def forward(self, input_ids, use_cache=False):
+            hidden = F.one_hot(input_ids, self.vocab).float()
+            return type("Out", (), {"last_hidden_state": hidden})()
+
+    def lm_head(self, hidden):
+        return hidden @ self.table
 
     def forward(self, input_ids):
-        return type("Out", (), {"logits": self.table[input_ids]})()
+        return type("Out", (), {"logits": self.lm_head(self.model(input_ids).last_hidden_state)})()
 
 
 def test_eval_loss_matches_brute_force():

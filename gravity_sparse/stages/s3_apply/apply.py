@@ -17,8 +17,7 @@ import torch
 
 from gravity_sparse.errors import UserError
 from gravity_sparse.kernels.attach import attach_kernel, detach_kernel
-from gravity_sparse.model.chunked_loss import eval_loss_chunked
-from gravity_sparse.model.data import encode_text, resolve_text
+from gravity_sparse.model.data import encode_text, eval_loss, resolve_text
 from gravity_sparse.model.masks import (
     Masks,
     attach_masks,
@@ -55,7 +54,7 @@ def sparse_loss(
 
     Dense and sparse run on the same backend (`apply.kernel`, resolved once): on CPU the chunked CPU
     kernel, so neither materialises (B, H, S, S) probabilities, and the logits are never all alive at
-    once (`eval_loss_chunked`).
+    once (`data.eval_loss`).
     """
     if masks is not None:
         if cfg.seq_len > masks.max_length:
@@ -66,7 +65,7 @@ def sparse_loss(
     else:
         attach_kernel(model, cfg.kernel)
     try:
-        return eval_loss_chunked(model, ids, cfg.seq_len, cfg.batch_size, cfg.max_tokens)
+        return eval_loss(model, ids, cfg.seq_len, cfg.batch_size, cfg.max_tokens)
     finally:
         if masks is not None:
             detach_masks(model)

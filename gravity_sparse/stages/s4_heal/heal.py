@@ -35,6 +35,13 @@ from gravity_sparse.stages.s4_heal.config import HealConfig
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) in nats per token, averaged over tokens (computed in fp32)."""
+    log_s = F.log_softmax(student_logits.float(), -1)
+    log_t = F.log_softmax(teacher_logits.float(), -1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+
+
 class KeepBest(TrainerCallback):
     """Early stopping on the validation loss that keeps the best trainable state (LoRA + masses)."""
 
@@ -109,9 +116,7 @@ class HealTrainer(Trainer):
         if self.distill > 0.0 and model.training:
             with torch.no_grad(), dense_teacher(model, self.masses):
                 teacher = model(input_ids=inputs["input_ids"]).logits.float()
-            log_s = F.log_softmax(outputs.logits.float(), -1)
-            log_t = F.log_softmax(teacher, -1)
-            kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean()  # nats per token
+            kl = kl_to_teacher(outputs.logits, teacher)
             loss = (1.0 - self.distill) * loss + self.distill * kl
         return (loss, outputs) if return_outputs else loss
 

@@ -6,8 +6,8 @@ import torch
 from tiny_models import tiny_model
 from torch.nn import functional as F
 
-from gravity_sparse.model.chunked_loss import eval_loss_chunked, final_hidden
-from gravity_sparse.model.data import eval_loss
+from gravity_sparse.model.chunked_loss import final_hidden
+from gravity_sparse.model.data import block_loss, eval_loss, token_blocks
 from gravity_sparse.stages.s1_measure.measure import _sequence_losses
 
 
@@ -39,12 +39,13 @@ def test_chunked_losses_match_full_logits():
         torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-7)
 
 
-def test_chunked_eval_loss_matches_data_eval_loss():
+def test_eval_loss_matches_the_full_logit_loss_of_its_windows():
     model = tiny_model().eval()
     ids = torch.randint(
         0, model.config.vocab_size, (200,), generator=torch.Generator().manual_seed(1)
     )
-    want = eval_loss(model, ids, 48, 2)
-    got = eval_loss_chunked(model, ids, 48, 2)
-    assert got[1] == want[1]
-    assert abs(got[0] - want[0]) < 1e-5
+    got = eval_loss(model, ids, 48, 2)
+    with torch.no_grad():
+        want = block_loss(model, token_blocks(ids, 48)).item()  # full logits, every window at once
+    assert got[1] == 4 * 48
+    assert abs(got[0] - want) < 1e-5
