@@ -111,6 +111,29 @@ def _sequences(tokenizer, source: str, seq_len: int, count: int) -> torch.Tensor
     return ids[: count * seq_len].view(count, seq_len)
 
 
+# the settings that decide the fitted layers; distillation and evaluation settings may change on a rerun
+_TRANSFER_KEYS = (
+    "source",
+    "tokenizer",
+    "calibration_text",
+    "seq_len",
+    "num_sequences",
+    "heldback_sequences",
+    "steps",
+    "lr",
+    "batch_size",
+    "target_d2",
+    "mass_init",
+    "eps",
+    "seed",
+)
+
+
+def _transfer_settings(cfg: GravitizeConfig | dict[str, Any]) -> dict[str, Any]:
+    d = asdict(cfg) if isinstance(cfg, GravitizeConfig) else cfg
+    return {k: d.get(k) for k in _TRANSFER_KEYS} | {"out": str(d.get("out"))}
+
+
 def _layer_file(work: Path, i: int) -> Path:
     return work / "layers" / f"layer_{i:03d}.safetensors"
 
@@ -142,8 +165,11 @@ def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
     batches = capture(source, seqs)
     (work / "layers").mkdir(parents=True, exist_ok=True)
     saved_cfg = work / "config.json"
-    if saved_cfg.exists() and json.loads(saved_cfg.read_text()) != asdict(cfg) | {"out": str(out)}:
-        raise UserError(f"{work} holds a run with another config: remove it or use the same config")
+    fitted = _transfer_settings(cfg) | {"out": str(out)}
+    if saved_cfg.exists() and _transfer_settings(json.loads(saved_cfg.read_text())) != fitted:
+        raise UserError(
+            f"{work} holds layers fitted with other transfer settings: remove it or use the same ones"
+        )
     saved_cfg.write_text(json.dumps(asdict(cfg) | {"out": str(out)}, indent=2) + "\n")
     stats_path = work / "layers.json"
     stats: dict[str, Any] = json.loads(stats_path.read_text()) if stats_path.exists() else {}
