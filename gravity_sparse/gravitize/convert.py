@@ -57,10 +57,18 @@ def gravity_config_from(source: PretrainedConfig, *, eps: float, mass_init: floa
 
 @torch.no_grad()
 def gravity_from_pretrained(
-    source: torch.nn.Module, *, eps: float = 0.1, mass_init: float = 0.5
+    source: torch.nn.Module,
+    *,
+    eps: float = 0.1,
+    mass_init: float = 0.5,
+    config: GravityConfig | None = None,
 ) -> GravityForCausalLM:
-    """A gravity model carrying every weight of a Llama/Qwen2 causal LM (fp32, eval mode)."""
-    config = gravity_config_from(source.config, eps=eps, mass_init=mass_init)
+    """A gravity model carrying every weight of a Llama/Qwen2 causal LM (fp32, eval mode).
+
+    `config` (default: derived from the source's) is the gravity config to build, e.g. a shipped one.
+    """
+    if config is None:
+        config = gravity_config_from(source.config, eps=eps, mass_init=mass_init)
     model = GravityForCausalLM(config).float().eval()
     state = {k: v.float() for k, v in source.state_dict().items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -70,7 +78,7 @@ def gravity_from_pretrained(
     if bad:
         raise UserError(f"weights do not map onto the gravity model: {', '.join(sorted(bad)[:4])}")
     for attn in model.gravity_layers():
-        attn.gravity_mass_log.fill_(mass_init)
+        attn.gravity_mass_log.fill_(config.gravity_mass_init)
     for key in missing:
         if key.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
             model.get_parameter(key).zero_()

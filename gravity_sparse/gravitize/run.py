@@ -14,7 +14,6 @@ temporary folder renamed at the end), with `meta.json` (config, versions, wall t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -30,41 +29,9 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_path
 from ..errors import UserError
 from .config import GravitizeConfig
+from .evaluate import eval_text_names, greedy_samples, heldout_losses
+from .source import load_source
 from .transfer import LayerBatch, fit_layer, gravity_output, qk_scale_for, relative_mse
-
-
-def load_source(path: str | Path, tokenizer_dir: str | Path | None = None):
-    """(model, tokenizer) of a Hugging Face directory or a GGUF file, offline; errors are one line."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"source model {p} does not exist (models are never downloaded)")
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if p.is_file():
-        if p.suffix != ".gguf":
-            raise UserError(f"{p} is a file but not a .gguf model")
-        if importlib.util.find_spec("gguf") is None:
-            raise UserError("reading a GGUF file needs the gguf package: pip install gguf")
-        kwargs["gguf_file"] = p.name
-        p = p.parent
-    elif not (p / "config.json").is_file():
-        raise UserError(f"{p} has no config.json: not a Hugging Face model directory")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, **kwargs).eval()
-    except Exception as e:  # noqa: BLE001 - any loader failure is the user's input
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot load the source model {path}: {first}") from e
-    tok_path = Path(tokenizer_dir) if tokenizer_dir else p
-    try:
-        tok_kwargs = {} if tokenizer_dir else {k: v for k, v in kwargs.items() if k == "gguf_file"}
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True, **tok_kwargs)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(
-            f"no usable tokenizer for {path} (looked in {tok_path}: tokenizer.json, "
-            f"tokenizer_config.json or the GGUF's own): {str(e).splitlines()[0] if str(e) else e}"
-        ) from e
-    return model, tokenizer
 
 
 @torch.no_grad()
@@ -146,7 +113,6 @@ def _fitted_state(attn) -> dict[str, torch.Tensor]:
 
 def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
     """Convert and transfer; returns the finished output directory."""
-    from ..model.data import encode_text, eval_loss, resolve_text
     from ..model.io import save_model
     from .convert import gravity_from_pretrained, scale_qk
 
@@ -207,24 +173,28 @@ def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
         save_file(_fitted_state(attn), str(f))
         stats_path.write_text(json.dumps(stats, indent=2) + "\n")
         bar.set_postfix(layer=i, err=f"{result['rel_mse_after']:.3f}")
-    eval_ids = encode_text(tok, resolve_text(cfg.eval_text))
-    loss_src, tokens = eval_loss(source, eval_ids, cfg.seq_len, 2, cfg.eval_max_tokens)
-    loss_grav, _ = eval_loss(model, eval_ids, cfg.seq_len, 2, cfg.eval_max_tokens)
-    record = {
+    texts = eval_text_names(cfg.eval_texts)
+    losses = heldout_losses(
+        {"source": source, "after_transfer": model}, tok, texts, cfg.seq_len, cfg.eval_max_tokens
+    )
+    record: dict[str, Any] = {
         "source": str(cfg.source),
         "source_architecture": source.config.model_type,
-        "eval_text": cfg.eval_text,
-        "eval_tokens": tokens,
-        "loss_source": loss_src,
-        "loss_gravity_after_transfer": loss_grav,
         "layers": stats,
     }
-    final = loss_grav
+    final = "after_transfer"
     if cfg.distill_steps > 0:
         model, record["distill"] = _distill(model, source, tok, cfg, work)
-        final, _ = eval_loss(model, eval_ids, cfg.seq_len, 2, cfg.eval_max_tokens)
-        record["loss_gravity_after_distill"] = final
-    record["gap_pct"] = 100.0 * (final - loss_src) / loss_src
+        after = heldout_losses(
+            {"after_distill": model}, tok, texts, cfg.seq_len, cfg.eval_max_tokens
+        )
+        for text in texts:
+            losses[text]["after_distill"] = after[text]["after_distill"]
+        final = "after_distill"
+    for row in losses.values():
+        row["gap_pct"] = 100.0 * (row[final] - row["source"]) / row["source"]
+    record["losses"] = losses
+    record["samples"] = greedy_samples({"source": source, "gravity": model}, tok)
     meta = {
         "stage": "gravitize",
         "status": "complete",
@@ -233,16 +203,49 @@ def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
         "versions": _versions(),
     }
     with atomic_path(out) as tmp:
-        save_model(model, tok, tmp)
+        if cfg.ship == "delta":
+            record["delta"] = _ship_delta(model, source, tok, cfg, tmp)
+        else:
+            save_model(model, tok, tmp)
         (tmp / "gravitize.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(work)
     return out
 
 
+@torch.no_grad()
+def _ship_delta(model, source, tok, cfg: GravitizeConfig, tmp: Path) -> dict[str, Any]:
+    """Write the delta layout into `tmp`, rebuild the model from it and check it against `model`."""
+    from .convert import gravity_from_pretrained
+    from .delta import BASE_KEY, apply_delta, base_spec, pack_delta, save_delta
+
+    base = gravity_from_pretrained(source, config=model.config)
+    tensors = pack_delta(model, base)
+    save_delta(tmp, tensors)
+    config = model.config.to_dict() | {BASE_KEY: base_spec(cfg.source)}
+    for key in ("auto_map", "architectures"):
+        config.pop(key, None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tok.save_pretrained(tmp)
+    apply_delta(base, tmp)
+    ids = torch.arange(1, 257).unsqueeze(0) % model.config.vocab_size
+    diff = float((base(input_ids=ids).logits - model(input_ids=ids).logits).abs().max())
+    return {
+        "bytes": sum(f.stat().st_size for f in tmp.iterdir()),
+        "tensors": len(tensors),
+        "max_logit_diff_rebuilt_vs_full": diff,
+    }
+
+
 def _distill(model, source, tok, cfg: GravitizeConfig, work: Path):
+    """Distil once: the result is kept in `work/distilled` so that a rerun skips straight to the end."""
     from ..model.data import encode_text, resolve_text
+    from ..model.io import load_model, save_model
     from .distill import distill_model
+
+    done = work / "distilled"
+    if (done / "distill.json").is_file():
+        return load_model(done)[0], json.loads((done / "distill.json").read_text())
 
     ids = encode_text(tok, resolve_text(cfg.distill_text))
     cut = int(ids.numel() * 0.9)
@@ -260,6 +263,9 @@ def _distill(model, source, tok, cfg: GravitizeConfig, work: Path):
         scratch=work / "distill",
         seed=cfg.seed,
     )
+    with atomic_path(done) as tmp:
+        save_model(merged, tok, tmp, overwrite=True)
+        (tmp / "distill.json").write_text(json.dumps(record, indent=2) + "\n")
     return merged, record
 
 

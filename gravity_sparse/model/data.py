@@ -113,10 +113,42 @@ def load_text_files(paths: Sequence[str | Path]) -> str:
     return TOPIC_SEPARATOR.join(texts)
 
 
+# Second held-out text, of another kind than pydoc's reference prose: docstrings of these stdlib modules
+# (their own public functions and classes, in name order). No stage trains, measures or heals on it.
+DOCSTRING_MODULES = (
+    "argparse", "calendar", "collections", "configparser", "contextlib", "csv", "dataclasses",
+    "difflib", "email.message", "fractions", "ftplib", "functools", "gettext", "heapq", "http.client",
+    "imaplib", "inspect", "ipaddress", "json", "logging", "mailbox", "pathlib", "pprint", "shutil",
+    "smtplib", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading",
+    "typing", "unittest.case", "urllib.parse", "uuid", "zipfile",
+)  # fmt: skip
+
+
+@cache
+def docstring_text() -> str:
+    """The "docstrings" text: module, class and function docstrings of DOCSTRING_MODULES."""
+    import importlib
+    import inspect
+
+    docs = []
+    for name in DOCSTRING_MODULES:
+        module = importlib.import_module(name)
+        docs.append(inspect.getdoc(module) or "")
+        for attr in sorted(vars(module)):
+            obj = getattr(module, attr)
+            if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+                continue
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                docs.append(inspect.getdoc(obj) or "")
+    return TOPIC_SEPARATOR.join(d for d in docs if d.strip())
+
+
 def resolve_text(source: str | Sequence[str | Path]) -> str:
-    """A corpus split by name ("heldout", ...) or the text of the user's files."""
+    """A corpus split by name ("heldout", ...), "docstrings", or the text of the user's files."""
     if isinstance(source, str) and source in SPLITS:
         return split_text(source)
+    if source == "docstrings":
+        return docstring_text()
     return load_text_files([source] if isinstance(source, (str, Path)) else source)
 
 

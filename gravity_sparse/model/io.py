@@ -35,6 +35,7 @@ DEFAULT_MODEL = REPO_ROOT / "checkpoints" / "gravity-tiny"
 MASS_FILE = "gravity_mass_log.pt"
 _MASS_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.gravity_mass_log$")
 _SOURCE_FILES = ("configuration_gravity.py", "modeling_gravity.py")
+BASE_KEY = "gravity_base"  # config key of a model shipped as a delta (gravitize/delta.py)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 AutoConfig.register("gravity", GravityConfig, exist_ok=True)
@@ -155,6 +156,10 @@ def load_model(
     raw = _read_json(p / "config.json")
     model_type = raw.get("model_type")
     keys = _check_safetensors(p)
+    if BASE_KEY in raw:  # shipped as a difference to an installed base model (gravitize ship=delta)
+        model = _load_delta(p, raw)
+        model = model.to(dtype=dtype or torch.float32, device=device or "cpu").eval()
+        return model, _load_tokenizer(p)
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -180,6 +185,18 @@ def load_model(
         model = model.to(device)
     model.eval()
     return model, _load_tokenizer(p)
+
+
+def _load_delta(p: Path, raw: dict) -> GravityForCausalLM:
+    from gravity_sparse.gravitize.delta import load_from_base
+
+    try:
+        return load_from_base(p, raw)
+    except UserError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot rebuild the model in {p} from its base: {first}") from e
 
 
 def _load_gravity2(

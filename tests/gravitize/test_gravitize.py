@@ -76,7 +76,17 @@ def test_transfer_lowers_every_layers_error(gravitized):
     assert record["distill"]["steps"] == 6
     evals = [h["eval_loss"] for h in record["distill"]["log_history"] if "eval_loss" in h]
     assert len(evals) >= 2 and all(math.isfinite(e) for e in evals)
-    assert math.isfinite(record["loss_gravity_after_distill"])
+    # losses of the original and the gravity model on the same tokens of both held-out texts
+    assert set(record["losses"]) == {"heldout", "docstrings"}
+    for row in record["losses"].values():
+        assert row["tokens"] >= 512
+        for key in ("source", "after_transfer", "after_distill", "gap_pct"):
+            assert math.isfinite(row[key])
+    # greedy samples of both models for the same prompts
+    assert len(record["samples"]) == 3
+    assert all(
+        isinstance(s["source"], str) and isinstance(s["gravity"], str) for s in record["samples"]
+    )
     assert not out.with_name(out.name + ".partial").exists()
 
 
