@@ -23,6 +23,7 @@ SMOKED = {
     "bench_attention",
     "bench_measure",
     "bench_solve",
+    "collect_gravitize",
     "collect_heal",
     "collect_run",
     "dry_run_gravity2",
@@ -128,3 +129,13 @@ def test_collectors_on_a_pipeline_run(tmp_path, capsys):
     assert json.loads((tmp_path / "collected.json").read_text())["git_revision"]
     assert _script("collect_heal").main([str(run), "--out", str(tmp_path / "heal")]) == 0
     assert json.loads((tmp_path / "heal.json").read_text())[0]
+
+
+def test_collect_gravitize_smoke(tmp_path):
+    out = tmp_path / "g"
+    assert _script("collect_gravitize").main(["--smoke", "--out", str(out)]) == 0
+    payload = json.loads(out.with_suffix(".json").read_text())
+    _provenance_ok(payload["provenance"])
+    assert set(payload["losses"]) == {"heldout", "docstrings"} and payload["layers"]["0"]
+    md = out.with_suffix(".md").read_text()
+    assert "| heldout |" in md and "| 0 |" in md and "**Prompt:**" in md

@@ -101,11 +101,14 @@ def base_path(spec: dict[str, Any], where: str) -> Path:
 
 
 def _low_rank(update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """fp16 factors (u, v) with u @ v ≈ update within TOLERANCE, or None when its rank is above MAX_RANK."""
+    """fp16 factors (u, v) with u @ v ≈ update within TOLERANCE, or None when no rank up to MAX_RANK that
+    makes the factors smaller than the matrix reproduces it."""
     u, s, vh = torch.linalg.svd(update.double(), full_matrices=False)
     scale = float(update.abs().max())
+    m, n = update.shape
     for r in (8, 16, 32, MAX_RANK):
-        r = min(r, s.numel())
+        if r * (m + n) >= m * n:  # factors no smaller than the matrix: not a low-rank update
+            break
         root = s[:r].sqrt()
         fu = (u[:, :r] * root).to(torch.float16)
         fv = (root[:, None] * vh[:r]).to(torch.float16)
@@ -134,7 +137,8 @@ def pack_delta(model: torch.nn.Module, base: torch.nn.Module) -> dict[str, torch
         factors = _low_rank(update)
         if factors is None:
             raise UserError(
-                f"cannot pack {name}: its update over the base has rank above {MAX_RANK}; "
+                f"cannot pack {name}: its update over the base has rank above {MAX_RANK} "
+                "(or above what factors would save); "
                 "ship the full weights instead"
             )
         out[f"{name}::u"], out[f"{name}::v"] = (t.contiguous() for t in factors)

@@ -101,6 +101,10 @@ def _transfer_settings(cfg: GravitizeConfig | dict[str, Any]) -> dict[str, Any]:
     return {k: d.get(k) for k in _TRANSFER_KEYS} | {"out": str(d.get("out"))}
 
 
+DISTILL_VAL_WINDOWS = 64
+FINGERPRINT_TOKENS = 128
+
+
 def _layer_file(work: Path, i: int) -> Path:
     return work / "layers" / f"layer_{i:03d}.safetensors"
 
@@ -128,7 +132,6 @@ def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
     model = gravity_from_pretrained(source, eps=cfg.eps, mass_init=cfg.mass_init)
     total = cfg.num_sequences + cfg.heldback_sequences
     seqs = _sequences(tok, cfg.calibration_text, cfg.seq_len, total)
-    batches = capture(source, seqs)
     (work / "layers").mkdir(parents=True, exist_ok=True)
     saved_cfg = work / "config.json"
     fitted = _transfer_settings(cfg) | {"out": str(out)}
@@ -140,15 +143,21 @@ def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
     stats_path = work / "layers.json"
     stats: dict[str, Any] = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     layers = model.gravity_layers()
+    todo = [
+        a.layer_idx
+        for a in layers
+        if not (_layer_file(work, a.layer_idx).exists() and str(a.layer_idx) in stats)
+    ]
+    batches = capture(source, seqs) if todo else []  # every layer's inputs, from the original model
     bar = tqdm(layers, desc="gravitize", file=sys.stderr, disable=not progress)
     for attn in bar:
         i = attn.layer_idx
-        train = batches[i].rows(slice(0, cfg.num_sequences))
-        held = batches[i].rows(slice(cfg.num_sequences, total))
         f = _layer_file(work, i)
-        if f.exists() and str(i) in stats:
+        if i not in todo:
             attn.load_state_dict(load_file(f), strict=False)
             continue
+        train = batches[i].rows(slice(0, cfg.num_sequences))
+        held = batches[i].rows(slice(cfg.num_sequences, total))
         with torch.no_grad():
             naive = relative_mse(gravity_output(attn, held), held.target)
         scale = qk_scale_for(attn, train, cfg.target_d2)
@@ -219,6 +228,7 @@ def _ship_delta(model, source, tok, cfg: GravitizeConfig, tmp: Path) -> dict[str
     from .convert import gravity_from_pretrained
     from .delta import BASE_KEY, apply_delta, base_spec, pack_delta, save_delta
 
+    tmp.mkdir(parents=True, exist_ok=True)
     base = gravity_from_pretrained(source, config=model.config)
     tensors = pack_delta(model, base)
     save_delta(tmp, tensors)
@@ -228,12 +238,14 @@ def _ship_delta(model, source, tok, cfg: GravitizeConfig, tmp: Path) -> dict[str
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok.save_pretrained(tmp)
     apply_delta(base, tmp)
-    ids = torch.arange(1, 257).unsqueeze(0) % model.config.vocab_size
-    diff = float((base(input_ids=ids).logits - model(input_ids=ids).logits).abs().max())
+    ids = _sequences(tok, "heldout", FINGERPRINT_TOKENS, 1)
+    full, rebuilt = model(input_ids=ids, labels=ids), base(input_ids=ids, labels=ids)
     return {
         "bytes": sum(f.stat().st_size for f in tmp.iterdir()),
         "tensors": len(tensors),
-        "max_logit_diff_rebuilt_vs_full": diff,
+        "max_logit_diff_rebuilt_vs_full": float((rebuilt.logits - full.logits).abs().max()),
+        # what a rebuilt copy must reproduce: loss of the full model on the first heldout tokens
+        "fingerprint": {"text": "heldout", "tokens": FINGERPRINT_TOKENS, "loss": float(full.loss)},
     }
 
 
@@ -249,11 +261,12 @@ def _distill(model, source, tok, cfg: GravitizeConfig, work: Path):
 
     ids = encode_text(tok, resolve_text(cfg.distill_text))
     cut = int(ids.numel() * 0.9)
+    val_end = cut + DISTILL_VAL_WINDOWS * cfg.distill_seq_len + 1  # the last 10%, at most this much
     merged, record = distill_model(
         model,
         source,
         ids[:cut],
-        ids[cut:],
+        ids[cut:val_end],
         seq_len=cfg.distill_seq_len,
         steps=cfg.distill_steps,
         batch_size=cfg.distill_batch_size,

@@ -78,12 +78,18 @@ def test_delta_packs_low_rank_updates_as_factors_and_refuses_full_rank():
 
 def test_delta_round_trip_through_the_file(tmp_path):
     torch.manual_seed(1)
-    base = torch.nn.Sequential(torch.nn.Linear(16, 12))
-    model = torch.nn.Sequential(torch.nn.Linear(16, 12))
+    base = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    model.load_state_dict(base.state_dict())
     model.config = type("C", (), {"tie_word_embeddings": False})()
+    with torch.no_grad():
+        model[0].weight.add_(torch.randn(48, 1) @ torch.randn(1, 64))  # rank 1: stored as factors
+        model[0].bias.add_(1.0)  # 1-D: stored whole
     save_delta(tmp_path, pack_delta(model, base))
+    assert not torch.allclose(base[0].weight, model[0].weight)
     apply_delta(base, tmp_path)
     torch.testing.assert_close(base[0].bias, model[0].bias)
+    torch.testing.assert_close(base[0].weight, model[0].weight, rtol=0, atol=5e-3)
 
 
 def test_changed_or_missing_base_is_a_one_line_error(shipped, tmp_path):
