@@ -241,6 +241,25 @@ def cmd_gravitize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task", choices=["passkey"], help="passkey: retrieval of a key deep in filler")
+    add_config_arguments(p)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gravity_sparse.experiments.passkey.config import PasskeyConfig
+    from gravity_sparse.experiments.passkey.run import run_passkey
+    from gravity_sparse.run.config import load_config
+
+    out, summary = run_passkey(load_config(PasskeyConfig, args.config, args.overrides))
+    means = ", ".join(
+        f"{e['label']} {sum(r['accuracy'] for r in e['rows']) / len(e['rows']):.2f}"
+        for e in summary["results"]
+    )
+    emit(args, summary, f"passkey  {out}  (mean accuracy: {means})")
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     *(Command(s, STAGE_HELP[s], _stage_args(s), _stage_run(s)) for s in STAGES),
     Command(
@@ -272,6 +291,12 @@ COMMANDS: tuple[Command, ...] = (
         "turn a pretrained Llama/Qwen2 model (HF directory or GGUF) into a gravity model",
         _gravitize_args,
         cmd_gravitize,
+    ),
+    Command(
+        "eval",
+        "task evaluations of a model and its masks (passkey retrieval)",
+        _eval_args,
+        cmd_eval,
     ),
     Command(
         "pretrain",

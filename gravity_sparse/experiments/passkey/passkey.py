@@ -1,0 +1,89 @@
+"""The passkey task (Mohtashami & Jaggi 2023): a 5-digit key stated once, filler text around it, then a
+request for the key. A trial is correct when the model's greedy continuation of the request starts with the
+5 digits of the key.
+
+Scoring is one forward pass per trial: the key's tokens are appended to the prompt and the trial counts as
+correct when the argmax at every key position is the key's own token. That is exactly "greedy decoding
+produces the key first", without a decode loop. Prompts are built to the requested length in the model's
+own tokens (the filler is repeated and cut), with the key sentence at the requested depth of the filler.
+Keys come from a seeded generator, so every model and mask sees the same prompts.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from gravity_sparse.errors import UserError
+
+INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it.\n"
+)
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\nWhat is the pass key? The pass key is "
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def build_trial(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, key ids) with len(prompt) + len(key) == length and the needle at `depth`."""
+    intro, question, key_ids = (
+        _ids(tokenizer, INTRO),
+        _ids(tokenizer, QUESTION),
+        _ids(tokenizer, key),
+    )
+    needle = _ids(tokenizer, NEEDLE.format(key=key))
+    room = length - len(intro) - len(needle) - len(question) - len(key_ids)
+    if room < 1:
+        raise UserError(f"passkey length {length} leaves no room for filler")
+    unit = _ids(tokenizer, FILLER)
+    filler = (unit * (room // len(unit) + 1))[:room]
+    cut = int(round(depth * room))
+    prompt = intro + filler[:cut] + needle + filler[cut:] + question
+    return prompt, key_ids
+
+
+def keys(seed: int, count: int) -> list[str]:
+    rng = random.Random(seed)
+    return [str(rng.randrange(10000, 100000)) for _ in range(count)]
+
+
+@torch.no_grad()
+def trial_correct(model: torch.nn.Module, prompt: list[int], key_ids: list[int]) -> bool:
+    ids = torch.tensor([prompt + key_ids])
+    logits = model(input_ids=ids, logits_to_keep=len(key_ids) + 1).logits[0, :-1]
+    return bool((logits.argmax(-1) == torch.tensor(key_ids)).all())
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer,
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    seed: int,
+    on_trial=None,
+) -> list[dict[str, Any]]:
+    """[{"length", "depth", "trials", "correct", "accuracy"}] for every length × depth cell."""
+    rows = []
+    for length in lengths:
+        for depth in depths:
+            correct = 0
+            for key in keys(seed + 7919 * length + int(1000 * depth), trials):
+                prompt, key_ids = build_trial(tokenizer, length, depth, key)
+                correct += trial_correct(model, prompt, key_ids)
+                if on_trial is not None:
+                    on_trial()
+            rows.append(
+                {"length": length, "depth": depth, "trials": trials, "correct": correct,
+                 "accuracy": correct / trials}
+            )  # fmt: skip
+    return rows
