@@ -2,8 +2,10 @@
 
 peft LoRA on every linear projection (explicit `target_modules`), the gravity masses trained too (they are
 plain parameters, saved beside the adapter as `gravity_mass_log.safetensors` because peft saves only adapter
-weights). Driven by transformers `Trainer`, so `accelerate launch` / `torchrun` run it on several GPUs
-unchanged. Brief by design: a token budget sets the number of steps; the heal split is divided into a train
+weights). Driven by transformers `Trainer`, so under `torchrun` / `accelerate launch` it trains with DDP
+(Trainer's own): `heal.batch_size` is the global batch, split over the ranks, so the token budget and the
+number of steps do not depend on how many processes run; every rank takes the early-stopping decision from
+rank 0's validation loss. Brief by design: a token budget sets the number of steps; the heal split is divided into a train
 part and a validation part used for early stopping (the best validation state is kept); the held-out text is
 only evaluated, before and after. LoRA is merged into the weights at the end.
 
@@ -19,6 +21,7 @@ import json
 import math
 import sys
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from gravity_sparse import dist
 from gravity_sparse.errors import UserError
 from gravity_sparse.model.data import BlockDataset, encode_text, eval_loss, resolve_text
 from gravity_sparse.stages.s4_heal.config import HealConfig
@@ -43,7 +47,11 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
 
 
 class KeepBest(TrainerCallback):
-    """Early stopping on the validation loss that keeps the best trainable state (LoRA + masses)."""
+    """Early stopping on the validation loss that keeps the best trainable state (LoRA + masses).
+
+    Under a launcher every rank calls `on_evaluate` with the (gathered) validation loss; each takes rank 0's
+    value, so all ranks keep the same state and stop at the same step.
+    """
 
     def __init__(self, model: torch.nn.Module, patience: int):
         self.model, self.patience = model, patience
@@ -56,6 +64,7 @@ class KeepBest(TrainerCallback):
         loss = (metrics or {}).get("eval_loss")
         if loss is None:
             return control
+        loss = dist.broadcast(float(loss))  # one decision for every rank
         if loss < self.best - 1e-5:
             self.best, self.best_step, self.bad = loss, state.global_step, 0
             self.state = {
@@ -100,11 +109,27 @@ class HealTrainer(Trainer):
 
     loss = (1 − d) · CE(student) + d · KL(teacher ‖ student), per token, teacher = the dense model before
     healing. Evaluation keeps the plain next-token loss, so early stopping watches what is reported.
+
+    With `val_ids`, validation is the mean next-token loss per token over the windows of `val_ids`
+    (`data.eval_loss`), each rank scoring its share: the same number in any number of processes. (The
+    Trainer's own evaluation averages per-batch means and, under DDP, pads a rank's last batch with repeated
+    windows, so its number moves with the world size, and so would early stopping.)
     """
 
-    def __init__(self, *args, distill: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        distill: float = 0.0,
+        val_ids: torch.Tensor | None = None,
+        seq_len: int = 0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.distill = distill
+        self.val_ids, self.seq_len = val_ids, seq_len
+        # the loss is a per-batch mean: the Trainer must neither pass num_items_in_batch nor rescale it by
+        # the number of processes (DDP averages the ranks' gradients, which is the global mean)
+        self.model_accepts_loss_kwargs = False
         self.masses = [
             a.gravity_mass_log.detach().clone()
             for a in self.model.get_base_model().gravity_layers()
@@ -114,18 +139,38 @@ class HealTrainer(Trainer):
         outputs = model(**inputs)
         loss = outputs.loss
         if self.distill > 0.0 and model.training:
-            with torch.no_grad(), dense_teacher(model, self.masses):
+            peft_model = self.accelerator.unwrap_model(model)  # DDP hides peft's methods
+            with torch.no_grad(), dense_teacher(peft_model, self.masses):
                 teacher = model(input_ids=inputs["input_ids"]).logits.float()
             kl = kl_to_teacher(outputs.logits, teacher)
             loss = (1.0 - self.distill) * loss + self.distill * kl
         return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if self.val_ids is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        model = self.accelerator.unwrap_model(self.model).get_base_model()  # LoRA layers inside
+        batch = self.args.per_device_eval_batch_size
+        loss = eval_loss(model, self.val_ids, self.seq_len, batch, data_parallel=True)[0]
+        metrics = {f"{metric_key_prefix}_loss": loss}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(
+            self.args, self.state, self.control, metrics
+        )
+        return metrics
 
 
 class ProgressBar(TrainerCallback):
     """A tqdm bar on stderr with the latest train and validation loss."""
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, desc="heal", file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=state.max_steps,
+            desc="heal",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not dist.is_main(),
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         self.bar.update(1)
@@ -139,6 +184,22 @@ class ProgressBar(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.bar.close()
+
+
+class OwnGpuArguments(TrainingArguments):
+    """TrainingArguments of a rank that trains by itself (`dist.alone`: a sweep's point) on a node of GPUs.
+
+    A Trainer that sees one process takes cuda:0 and wraps the model in DataParallel over every GPU; this
+    one keeps the rank's own GPU (the current device) and one GPU per process.
+    """
+
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        own = torch.cuda.current_device()
+        TrainingArguments._setup_devices.func(self)
+        torch.cuda.set_device(own)
+        self._n_gpu = 1
+        return torch.device("cuda", own)
 
 
 def split_heal_text(
@@ -180,10 +241,18 @@ def heal_model(
         for attn in model.gravity_layers():
             attn.gravity_mass_log.requires_grad_(True)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    args = TrainingArguments(
+    world = dist.world_size()
+    if cfg.batch_size % world:
+        raise UserError(
+            f"heal.batch_size {cfg.batch_size} is the global batch: it must be divisible by the "
+            f"{world} processes"
+        )
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    arguments = OwnGpuArguments if dist.is_alone() and not on_cpu else TrainingArguments
+    args = arguments(
         output_dir=str(scratch),
         max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=cfg.batch_size // world,
         per_device_eval_batch_size=cfg.eval_batch_size,
         learning_rate=cfg.lr,
         lr_scheduler_type="cosine",
@@ -191,6 +260,11 @@ def heal_model(
         weight_decay=0.0,
         eval_strategy="steps",
         eval_steps=cfg.eval_every,
+        # the unhealed state is the first candidate: healing that never beats it on validation changes
+        # nothing. Evaluated by the Trainer at step 0, not by trainer.evaluate() before train(): that
+        # marks the model prepared for evaluation, and accelerate then never wraps it in DDP (each rank
+        # would train alone, silently)
+        eval_on_start=True,
         logging_steps=max(1, min(cfg.eval_every, 5)),
         save_strategy="no",
         report_to=[],
@@ -199,6 +273,12 @@ def heal_model(
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,  # its bars and log dicts go to stdout; ours goes to stderr
+        use_cpu=on_cpu,  # CPU ranks: gloo DDP (without it accelerate sees one process)
+        # a layer whose query heads are all dropped leaves its LoRA weights without a gradient
+        ddp_find_unused_parameters=any(
+            a.gravity_head_keep is not None and not bool(a.gravity_head_keep.any())
+            for a in model.gravity_layers()
+        ),
     )
     keep = KeepBest(peft_model, cfg.patience)
     trainer = HealTrainer(
@@ -208,18 +288,20 @@ def heal_model(
         eval_dataset=val_set,
         callbacks=[keep, ProgressBar()],
         distill=cfg.distill,
+        val_ids=val_ids,
+        seq_len=cfg.seq_len,
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
-    # the unhealed state is the first candidate: healing that never beats it on validation changes nothing
-    keep.on_evaluate(args, trainer.state, trainer.control, metrics=trainer.evaluate())
     trainer.train()
-    final_val = trainer.evaluate()["eval_loss"]
+    final_val = dist.broadcast(float(trainer.evaluate()["eval_loss"]))
     if final_val > keep.best:
         keep.restore()
     record = {
         "steps_run": trainer.state.global_step,
         "max_steps": cfg.max_steps,
         "tokens_seen": trainer.state.global_step * cfg.batch_size * cfg.seq_len,
+        "world_size": world,
+        "per_device_batch_size": cfg.batch_size // world,
         "trainable_parameters": trainable,
         "best_val_loss": min(keep.best, final_val),
         "best_step": keep.best_step if keep.best <= final_val else trainer.state.global_step,
@@ -242,10 +324,20 @@ def save_adapter(peft_model: Any, out: Path) -> None:
     save_file(masses, out / "gravity_mass_log.safetensors")
 
 
-def held_out_loss(model: torch.nn.Module, tokenizer: Any, cfg: HealConfig) -> float:
-    """Loss (nats per token of the model's tokenizer) on `cfg.eval_text`."""
+def held_out_loss(
+    model: torch.nn.Module, tokenizer: Any, cfg: HealConfig, data_parallel: bool = False
+) -> float:
+    """Loss (nats per token of the model's tokenizer) on `cfg.eval_text`; `data_parallel`: every rank
+    calls it and scores its share of the windows."""
     ids = encode_text(tokenizer, resolve_text(cfg.eval_text))
-    return eval_loss(model, ids, cfg.seq_len, cfg.eval_batch_size, cfg.eval_max_tokens)[0]
+    return eval_loss(
+        model,
+        ids,
+        cfg.seq_len,
+        cfg.eval_batch_size,
+        cfg.eval_max_tokens,
+        data_parallel=data_parallel,
+    )[0]
 
 
 def write_record(record: dict[str, Any], path: Path) -> None:

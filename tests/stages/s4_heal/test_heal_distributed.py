@@ -1,0 +1,126 @@
+"""heal in two processes (torchrun, gloo on CPU; Trainer's DDP) against one process, and a rank killed.
+
+Same global batch (heal.batch_size 4: 2 sequences per rank), same seed, same data order: the ranks'
+gradients are averaged by DDP, which is the single-process mean up to float32 summation order. Stated
+tolerance on the merged weights: max |Δ| ≤ 1e-6 (weights are O(1); observed 3e-8), and the same steps,
+best step and validation losses (≤ 1e-6) — early stopping decides alike.
+"""
+
+import json
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import torch
+from launchers import (
+    ROOT,
+    child_env,
+    copy_run,
+    leftovers,
+    run,
+    single,
+    small_pipeline,
+    torchrun,
+)
+from safetensors.torch import load_file
+from tiny_models import random_masks, tiny_model
+
+from gravity_sparse import dist
+from gravity_sparse.cli import main
+from gravity_sparse.errors import UserError
+from gravity_sparse.model.masks import attach_masks
+from gravity_sparse.model.tokenizer import build_tokenizer
+from gravity_sparse.run.artifacts import read_meta
+from gravity_sparse.stages.s4_heal.config import HealConfig
+from gravity_sparse.stages.s4_heal.heal import heal_model
+
+PREFIX = ("01_measure", "02_solve")
+
+
+@pytest.fixture(scope="module")
+def solved(tmp_path_factory):
+    """A run with measure and solve done (in this process), to heal from."""
+    root = tmp_path_factory.mktemp("heal2")
+    pipeline = small_pipeline(root)
+    for stage in ("measure", "solve"):
+        assert main([stage, "-c", str(pipeline)]) == 0
+    return root, pipeline
+
+
+def _merged(run_dir):
+    return load_file(next((run_dir / "04_heal" / "merged").glob("*.safetensors")))
+
+
+@pytest.mark.slow
+def test_two_process_heal_gives_the_single_process_merged_weights(solved):
+    root, pipeline = solved
+    for name in ("one", "two"):
+        copy_run(root / "run", root / name, PREFIX)
+    run(single("heal", "-c", str(pipeline), f"run_dir={root / 'one'}"))
+    two = run(torchrun(2, "heal", "-c", str(pipeline), f"run_dir={root / 'two'}"))
+
+    a, b = _merged(root / "one"), _merged(root / "two")
+    assert set(a) == set(b)
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= 1e-6
+    start = tiny_model(seed=5).state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    assert (a["model.layers.0.self_attn.q_proj.weight"] - start).abs().max() > 1e-4  # it trained
+
+    ha, hb = (json.loads((root / r / "04_heal" / "heal.json").read_text()) for r in ("one", "two"))
+    assert (hb["world_size"], hb["per_device_batch_size"], ha["per_device_batch_size"]) == (2, 2, 4)
+    assert ha["steps_run"] == hb["steps_run"] == 4 and ha["best_step"] == hb["best_step"]
+    assert hb["tokens_seen"] == ha["tokens_seen"] == 4 * 4 * 64  # the token budget is global
+    val = [[h["eval_loss"] for h in r["log_history"] if "eval_loss" in h] for r in (ha, hb)]
+    assert len(val[0]) == len(val[1]) >= 3
+    assert val[1] == pytest.approx(val[0], abs=1e-6)
+    assert hb["heldout_after"] == pytest.approx(ha["heldout_after"], abs=1e-6)
+
+    # written once, by rank 0, with the world size
+    assert read_meta(root / "two" / "04_heal")["world_size"] == 2
+    assert read_meta(root / "one" / "04_heal")["world_size"] == 1
+    assert leftovers(root / "two") == []
+    assert [line.split()[0] for line in two.stdout.splitlines()] == ["heal"]
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_heal_leaves_no_finished_folder(solved):
+    root, pipeline = solved
+    copy_run(root / "run", root / "killed", PREFIX)
+    cmd = torchrun(
+        2, "heal", "-c", str(pipeline), f"run_dir={root / 'killed'}", "heal.token_budget=500000"
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 120
+        while not leftovers(root / "killed"):  # rank 0 has opened the stage folder: healing
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        time.sleep(1.0)
+        ranks = {}
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                ranks[int(child.environ()["RANK"])] = child
+            except (KeyError, psutil.Error):
+                continue
+        ranks[1].send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "SIGKILL" in err  # torchrun's report names the killed rank
+    assert not (root / "killed" / "04_heal").exists()
+    assert leftovers(root / "killed") == []  # rank 0 unwound and removed its temporary folder
+    assert sorted(p.name for p in (root / "killed").iterdir()) == list(PREFIX)
+
+
+def test_the_global_batch_must_split_evenly_over_the_ranks(tmp_path, monkeypatch):
+    monkeypatch.setattr(dist, "world_size", lambda: 3)
+    model = tiny_model()
+    attach_masks(model, random_masks())
+    cfg = HealConfig(text="heal", seq_len=64, batch_size=4, token_budget=256, lora_r=2)
+    with pytest.raises(UserError, match="batch_size 4 is the global batch.*3 processes"):
+        heal_model(model, build_tokenizer(), cfg, tmp_path)
