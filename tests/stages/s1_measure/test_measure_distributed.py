@@ -29,7 +29,10 @@ def measured(tmp_path_factory):
 
 def test_two_process_field_equals_single_process_field(measured):
     root, _, _ = measured
-    (a, meta_a), (b, meta_b) = _field(root / "one" / "01_measure"), _field(root / "two" / "01_measure")
+    (a, meta_a), (b, meta_b) = (
+        _field(root / "one" / "01_measure"),
+        _field(root / "two" / "01_measure"),
+    )
     assert meta_a == meta_b and meta_a["num_tokens"] == "512"  # 8 sequences of 64, in 4 batches
     assert set(a) == set(b)
     for key in a:
@@ -38,7 +41,9 @@ def test_two_process_field_equals_single_process_field(measured):
         else:
             assert torch.equal(a[key], b[key]), key
     assert a["importance"].abs().max() > 0 and a["importance_grad"].abs().max() > 0
-    summary = [json.loads((root / r / "01_measure" / "summary.json").read_text()) for r in ("one", "two")]
+    summary = [
+        json.loads((root / r / "01_measure" / "summary.json").read_text()) for r in ("one", "two")
+    ]
     assert summary[0]["loss"] == pytest.approx(summary[1]["loss"], rel=1e-12)
 
 

@@ -13,7 +13,6 @@ import time
 
 import psutil
 import pytest
-import torch
 from launchers import (
     ROOT,
     child_env,
