@@ -8,7 +8,7 @@ they run, so that configs and `validate` stay light.
 
 Under a launcher (`torchrun`, `accelerate launch`) every rank runs this same code. A stage module that sets
 `DATA_PARALLEL = True` (measure, apply, heal) runs on every rank, each doing its share; any other stage runs on
-rank 0 while the other ranks wait at a barrier. Rank 0 decides what is current and tells the others.
+rank 0, as a process by itself (`dist.alone`), while the other ranks wait at a barrier. Rank 0 decides what is current and tells the others.
 """
 
 from __future__ import annotations
@@ -70,11 +70,14 @@ def run_stage(
     start = time.perf_counter()
     kwargs = {"overwrite": overwrite} if stage == "export" else {}
     module = stage_module(stage)
-    if getattr(module, "DATA_PARALLEL", False) or dist.is_main():
+    if getattr(module, "DATA_PARALLEL", False) or dist.world_size() == 1:
         folder = module.run(cfg, **kwargs)
-    else:  # a stage of rank 0 alone: wait for its folder
-        folder = cfg.run_path() / stage_dirname(stage)
-    if not getattr(module, "DATA_PARALLEL", False):
+    else:  # rank 0 runs it as a process of its own (meta.json: world_size 1); the others wait
+        if dist.is_main():
+            with dist.alone():
+                folder = module.run(cfg, **kwargs)
+        else:
+            folder = cfg.run_path() / stage_dirname(stage)
         dist.barrier()
     summary = (read_meta(folder) or {}).get("summary", {})
     return folder, summary, summary_line(stage, folder, summary, time.perf_counter() - start)

@@ -3,6 +3,7 @@ no-op, so what one rank does alone is visible)."""
 
 import pytest
 
+from gravity_sparse import dist
 from gravity_sparse.run import runner
 from gravity_sparse.run.artifacts import read_meta, stage_folder
 from gravity_sparse.run.pipeline import PipelineConfig
@@ -32,6 +33,7 @@ class FakeStage:
 
     def run(self, cfg):
         self.calls += 1
+        self.alone = dist.is_alone()
         return cfg.run_path() / "02_solve"
 
 
@@ -40,10 +42,13 @@ def test_a_stage_that_is_not_data_parallel_runs_on_rank_0_only(
     tmp_path, monkeypatch, rank, data_parallel, runs
 ):
     monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
     stage = FakeStage(data_parallel)
     monkeypatch.setattr(runner, "stage_module", lambda name: stage)
     folder, _, _ = runner.run_stage(PipelineConfig(run_dir=str(tmp_path)), "solve")
     assert stage.calls == runs and folder == tmp_path / "02_solve"
+    if runs:  # rank 0 runs a stage that is not data-parallel as a process by itself
+        assert stage.alone == (not data_parallel)
 
 
 def test_measure_apply_heal_are_data_parallel_and_the_others_are_not():
