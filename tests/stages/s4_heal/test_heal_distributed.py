@@ -13,6 +13,7 @@ import time
 
 import psutil
 import pytest
+import torch
 from launchers import (
     ROOT,
     child_env,
@@ -123,3 +124,18 @@ def test_the_global_batch_must_split_evenly_over_the_ranks(tmp_path, monkeypatch
     cfg = HealConfig(text="heal", seq_len=64, batch_size=4, token_budget=256, lora_r=2)
     with pytest.raises(UserError, match="batch_size 4 is the global batch.*3 processes"):
         heal_model(model, build_tokenizer(), cfg, tmp_path)
+
+
+def test_keep_best_decides_on_rank_0s_validation_loss(monkeypatch):
+    """Every rank takes rank 0's loss (broadcast) before deciding, so all stop at the same step."""
+    from types import SimpleNamespace
+
+    from gravity_sparse.stages.s4_heal.heal import KeepBest
+
+    rank0_losses = iter([2.0, 2.5, 2.5])  # what rank 0 saw; this rank saw better numbers
+    monkeypatch.setattr(dist, "broadcast", lambda value, src=0: next(rank0_losses))
+    keep = KeepBest(torch.nn.Linear(2, 2), patience=2)
+    control = SimpleNamespace(should_training_stop=False)
+    for step, local in enumerate([2.0, 1.0, 0.5]):
+        keep.on_evaluate(None, SimpleNamespace(global_step=step), control, {"eval_loss": local})
+    assert keep.best == 2.0 and keep.best_step == 0 and control.should_training_stop
