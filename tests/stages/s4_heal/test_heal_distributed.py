@@ -32,7 +32,7 @@ from gravity_sparse.cli import main
 from gravity_sparse.errors import UserError
 from gravity_sparse.model.masks import attach_masks
 from gravity_sparse.model.tokenizer import build_tokenizer
-from gravity_sparse.run.artifacts import read_meta
+from gravity_sparse.run.artifacts import read_meta, require_stage
 from gravity_sparse.stages.s4_heal.config import HealConfig
 from gravity_sparse.stages.s4_heal.heal import heal_model
 
@@ -90,31 +90,35 @@ def test_a_rank_killed_mid_heal_leaves_no_finished_folder(solved):
     cmd = torchrun(
         2, "heal", "-c", str(pipeline), f"run_dir={root / 'killed'}", "heal.token_budget=500000"
     )
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.time() + 120
-        while not leftovers(root / "killed"):  # rank 0 has opened the stage folder: healing
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.1)
-        time.sleep(1.0)
-        ranks = {}
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                ranks[int(child.environ()["RANK"])] = child
-            except (KeyError, psutil.Error):
-                continue
-        ranks[1].send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    log = root / "killed.log"
+    with log.open("w") as err_file:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=err_file, text=True
+        )
+        try:
+            deadline = time.time() + 120
+            while "it/s, loss=" not in log.read_text():  # rank 0's bar: training steps are done
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+            ranks = {}
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    ranks[int(child.environ()["RANK"])] = child
+                except (KeyError, psutil.Error):
+                    continue
+            ranks[1].send_signal(signal.SIGKILL)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    err = log.read_text()
     assert proc.returncode != 0
     assert "SIGKILL" in err  # torchrun's report names the killed rank
     assert not (root / "killed" / "04_heal").exists()
     assert leftovers(root / "killed") == []  # rank 0 unwound and removed its temporary folder
     assert sorted(p.name for p in (root / "killed").iterdir()) == list(PREFIX)
+    with pytest.raises(UserError, match="missing or unfinished"):
+        require_stage(root / "killed", "heal")
 
 
 def test_the_global_batch_must_split_evenly_over_the_ranks(tmp_path, monkeypatch):
