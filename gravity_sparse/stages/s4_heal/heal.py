@@ -17,11 +17,11 @@ backward, on CUDA in the Triton kernels (`heal.kernel`, resolved by `kernels.res
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
 from contextlib import contextmanager
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,12 @@ from gravity_sparse import dist
 from gravity_sparse.errors import UserError
 from gravity_sparse.model.data import BlockDataset, encode_text, eval_loss, resolve_text
 from gravity_sparse.stages.s4_heal.config import HealConfig
+from gravity_sparse.stages.s4_heal.sharded import (
+    OwnGpuArguments,
+    gather_full,
+    is_sharded,
+    root_window_loss,
+)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -89,19 +95,37 @@ class KeepBest(TrainerCallback):
 def dense_teacher(model: torch.nn.Module, masses: list[torch.Tensor]):
     """The original dense model, borrowed from the sparse one being healed: adapters off, block/head
     masks detached, the masses set back to their values before healing; all restored after. An attached
-    kernel stays (the CPU and Triton kernels run dense attention when the layer has no masks)."""
+    kernel stays (the CPU and Triton kernels run dense attention when the layer has no masks).
+
+    The masses are swapped only while each attention layer runs (forward hooks): under FSDP the layer's
+    parameter is a shard between forwards and the whole tensor only inside them.
+    """
     layers = model.get_base_model().gravity_layers()
-    saved = [(a.gravity_head_keep, a.gravity_block_mask, a.gravity_mass_log.data) for a in layers]
+    saved = [(a.gravity_head_keep, a.gravity_block_mask) for a in layers]
+    held: dict[int, torch.Tensor] = {}
+
+    def swap_in(module, args, mass):
+        held[id(module)] = module.gravity_mass_log.data
+        module.gravity_mass_log.data = mass.to(held[id(module)].device)
+
+    def swap_out(module, args, output):
+        module.gravity_mass_log.data = held.pop(id(module))
+
+    hooks = []
     try:
         with model.disable_adapter():
             for a, m in zip(layers, masses, strict=True):
                 a.set_sparsity(None, None)
-                a.gravity_mass_log.data = m
+                hooks.append(
+                    a.register_forward_pre_hook(lambda mod, args, m=m: swap_in(mod, args, m))
+                )
+                hooks.append(a.register_forward_hook(swap_out, always_call=True))
             yield model
     finally:
-        for a, (hk, bm, mass) in zip(layers, saved, strict=True):
+        for hook in hooks:
+            hook.remove()
+        for a, (hk, bm) in zip(layers, saved, strict=True):
             a.set_sparsity(hk, bm)
-            a.gravity_mass_log.data = mass
 
 
 class HealTrainer(Trainer):
@@ -149,9 +173,12 @@ class HealTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         if self.val_ids is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        model = self.accelerator.unwrap_model(self.model).get_base_model()  # LoRA layers inside
         batch = self.args.per_device_eval_batch_size
-        loss = eval_loss(model, self.val_ids, self.seq_len, batch, data_parallel=True)[0]
+        if is_sharded(self):  # only the root's forward unshards the parameters
+            loss = root_window_loss(self.model, self.val_ids, self.seq_len, batch)
+        else:
+            model = self.accelerator.unwrap_model(self.model).get_base_model()  # LoRA inside
+            loss = eval_loss(model, self.val_ids, self.seq_len, batch, data_parallel=True)[0]
         metrics = {f"{metric_key_prefix}_loss": loss}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(
@@ -186,22 +213,6 @@ class ProgressBar(TrainerCallback):
         self.bar.close()
 
 
-class OwnGpuArguments(TrainingArguments):
-    """TrainingArguments of a rank that trains by itself (`dist.alone`: a sweep's point) on a node of GPUs.
-
-    A Trainer that sees one process takes cuda:0 and wraps the model in DataParallel over every GPU; this
-    one keeps the rank's own GPU (the current device) and one GPU per process.
-    """
-
-    @cached_property
-    def _setup_devices(self) -> torch.device:
-        own = torch.cuda.current_device()
-        TrainingArguments._setup_devices.func(self)
-        torch.cuda.set_device(own)
-        self._n_gpu = 1
-        return torch.device("cuda", own)
-
-
 def split_heal_text(
     ids: torch.Tensor, val_fraction: float, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +232,8 @@ def heal_model(
 ) -> tuple[Any, dict[str, Any]]:
     """LoRA-heal `model` (masks already attached) on `cfg.text` through the model's `tokenizer`.
 
-    Returns (peft model, unmerged; a record of training).
+    Returns (peft model, unmerged; a record of training). Under FSDP the peft model is a plain copy
+    with the trained state on rank 0, and None on the other ranks.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -292,16 +304,23 @@ def heal_model(
         seq_len=cfg.seq_len,
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+    sharded = is_sharded(trainer)
+    # FSDP shards the model in place: rank 0 keeps a plain copy to load the trained state into
+    plain = copy.deepcopy(peft_model) if sharded and dist.is_main() else None
     trainer.train()
     final_val = dist.broadcast(float(trainer.evaluate()["eval_loss"]))
     if final_val > keep.best:
         keep.restore()
+    if sharded:
+        peft_model = gather_full(trainer, plain)
     record = {
         "steps_run": trainer.state.global_step,
         "max_steps": cfg.max_steps,
         "tokens_seen": trainer.state.global_step * cfg.batch_size * cfg.seq_len,
         "world_size": world,
         "per_device_batch_size": cfg.batch_size // world,
+        "fsdp": sharded,
+        "trained_as": type(trainer.model_wrapped).__name__,  # DDP, FSDP2 module, or the peft model
         "trainable_parameters": trainable,
         "best_val_loss": min(keep.best, final_val),
         "best_step": keep.best_step if keep.best <= final_val else trainer.state.global_step,

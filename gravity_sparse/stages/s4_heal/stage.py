@@ -1,7 +1,8 @@
 """The heal stage: LoRA-heal the sparse model, sparse attention active → `04_heal/` (adapter, merged).
 
-Data-parallel under a launcher: every rank trains (Trainer's DDP) and scores its share of the held-out
-windows; rank 0 writes the folder.
+Data-parallel under a launcher: every rank trains (Trainer's DDP, or FSDP2 from an accelerate config) and
+scores its share of the held-out windows; rank 0 writes the folder. Under FSDP rank 0 alone holds the
+merged model and scores the held-out text after healing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from gravity_sparse import dist
 from gravity_sparse.errors import UserError
 from gravity_sparse.model.io import resolve_model_path
 from gravity_sparse.run.artifacts import stage_dirname
@@ -58,11 +60,17 @@ def run(cfg: PipelineConfig) -> Path:
         tempfile.TemporaryDirectory() as scratch,
     ):
         peft_model, record = heal_model(model, tok, cfg.heal, Path(scratch), seed=cfg.seed)
-        if sf.writer:
-            save_adapter(peft_model, sf.path / "adapter")
-        merged = peft_model.merge_and_unload()
-        merged.eval()
-        after = held_out_loss(merged, tok, cfg.heal, data_parallel=True)
+        merged = None
+        if peft_model is not None:  # every rank, or under FSDP rank 0 (the full trained state)
+            if sf.writer:
+                save_adapter(peft_model, sf.path / "adapter")
+            merged = peft_model.merge_and_unload()
+            merged.eval()
+        if record["fsdp"]:  # only rank 0 holds the whole merged model
+            after = held_out_loss(merged, tok, cfg.heal) if merged is not None else None
+            after = dist.broadcast(after)
+        else:
+            after = held_out_loss(merged, tok, cfg.heal, data_parallel=True)
         record.update(
             masks=cfg.masks,
             density=masks.density(),

@@ -1,4 +1,6 @@
-"""heal in two processes (torchrun, gloo on CPU; Trainer's DDP) against one process, and a rank killed.
+"""heal in two processes (torchrun, gloo on CPU; Trainer's DDP) against one process, and a rank killed;
+FSDP2 from the shipped accelerate config, on CPU through a shim (`fsdp_on_cpu.py`: accelerate only takes
+its FSDP path on accelerator devices).
 
 Same global batch (heal.batch_size 4: 2 sequences per rank), same seed, same data order: the ranks'
 gradients are averaged by DDP, which is the single-process mean up to float32 summation order. Stated
@@ -10,14 +12,17 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 import torch
 from launchers import (
+    ACCELERATE,
     ROOT,
     child_env,
     copy_run,
+    free_port,
     leftovers,
     run,
     single,
@@ -35,6 +40,7 @@ from gravity_sparse.model.tokenizer import build_tokenizer
 from gravity_sparse.run.artifacts import read_meta, require_stage
 from gravity_sparse.stages.s4_heal.config import HealConfig
 from gravity_sparse.stages.s4_heal.heal import heal_model
+from gravity_sparse.stages.s4_heal.sharded import is_sharded
 
 PREFIX = ("01_measure", "02_solve")
 
@@ -53,34 +59,75 @@ def _merged(run_dir):
     return load_file(next((run_dir / "04_heal" / "merged").glob("*.safetensors")))
 
 
-@pytest.mark.slow
-def test_two_process_heal_gives_the_single_process_merged_weights(solved):
+@pytest.fixture(scope="module")
+def healed_alone(solved):
+    """The single-process heal every multi-process heal is compared with."""
     root, pipeline = solved
-    for name in ("one", "two"):
-        copy_run(root / "run", root / name, PREFIX)
+    copy_run(root / "run", root / "one", PREFIX)
     run(single("heal", "-c", str(pipeline), f"run_dir={root / 'one'}"))
-    two = run(torchrun(2, "heal", "-c", str(pipeline), f"run_dir={root / 'two'}"))
+    return root / "one"
 
-    a, b = _merged(root / "one"), _merged(root / "two")
+
+def _assert_same_heal(one, many):
+    """Same merged weights (max |Δ| ≤ 1e-6), steps, best step, validation losses, trained masses."""
+    a, b = _merged(one), _merged(many)
     assert set(a) == set(b)
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= 1e-6
     start = tiny_model(seed=5).state_dict()["model.layers.0.self_attn.q_proj.weight"]
     assert (a["model.layers.0.self_attn.q_proj.weight"] - start).abs().max() > 1e-4  # it trained
-
-    ha, hb = (json.loads((root / r / "04_heal" / "heal.json").read_text()) for r in ("one", "two"))
-    assert (hb["world_size"], hb["per_device_batch_size"], ha["per_device_batch_size"]) == (2, 2, 4)
+    ma, mb = (
+        load_file(r / "04_heal" / "adapter" / "gravity_mass_log.safetensors") for r in (one, many)
+    )
+    for key in ma:
+        torch.testing.assert_close(mb[key], ma[key], rtol=0, atol=1e-6)
+    ha, hb = (json.loads((r / "04_heal" / "heal.json").read_text()) for r in (one, many))
     assert ha["steps_run"] == hb["steps_run"] == 4 and ha["best_step"] == hb["best_step"]
     assert hb["tokens_seen"] == ha["tokens_seen"] == 4 * 4 * 64  # the token budget is global
     val = [[h["eval_loss"] for h in r["log_history"] if "eval_loss" in h] for r in (ha, hb)]
     assert len(val[0]) == len(val[1]) >= 3
     assert val[1] == pytest.approx(val[0], abs=1e-6)
     assert hb["heldout_after"] == pytest.approx(ha["heldout_after"], abs=1e-6)
+    assert read_meta(one / "04_heal")["world_size"] == 1
+    assert read_meta(many / "04_heal")["world_size"] == 2
+    assert leftovers(many) == []
+    return ha, hb
 
-    # written once, by rank 0, with the world size
-    assert read_meta(root / "two" / "04_heal")["world_size"] == 2
-    assert read_meta(root / "one" / "04_heal")["world_size"] == 1
-    assert leftovers(root / "two") == []
-    assert [line.split()[0] for line in two.stdout.splitlines()] == ["heal"]
+
+@pytest.mark.slow
+def test_two_process_heal_gives_the_single_process_merged_weights(solved, healed_alone):
+    root, pipeline = solved
+    copy_run(root / "run", root / "two", PREFIX)
+    two = run(torchrun(2, "heal", "-c", str(pipeline), f"run_dir={root / 'two'}"))
+    ha, hb = _assert_same_heal(healed_alone, root / "two")
+    assert (hb["world_size"], hb["per_device_batch_size"], ha["per_device_batch_size"]) == (2, 2, 4)
+    assert hb["trained_as"] == "DistributedDataParallel" and not hb["fsdp"]
+    assert [line.split()[0] for line in two.stdout.splitlines()] == ["heal"]  # rank 0 prints
+
+
+@pytest.mark.slow
+def test_fsdp2_heal_gives_the_single_process_merged_weights(solved, healed_alone):
+    root, pipeline = solved
+    copy_run(root / "run", root / "fsdp", PREFIX)
+    config = ROOT / "pipelines" / "accelerate" / "fsdp.yaml"
+    shim = Path(__file__).with_name("fsdp_on_cpu.py")
+    cmd = [*ACCELERATE, "--config_file", str(config), "--num_processes", "2"]
+    cmd += ["--main_process_port", str(free_port()), str(shim)]
+    run([*cmd, "heal", "-c", str(pipeline), f"run_dir={root / 'fsdp'}"])
+    _, hb = _assert_same_heal(healed_alone, root / "fsdp")
+    assert hb["fsdp"] and hb["trained_as"].startswith("FSDP")  # fully_shard's module class
+
+
+def test_fsdp1_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(
+        is_fsdp_enabled=True,
+        accelerator=SimpleNamespace(
+            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1))
+        ),
+    )
+    with pytest.raises(UserError, match="fsdp_version: 2"):
+        is_sharded(trainer)
 
 
 @pytest.mark.slow
