@@ -3,9 +3,10 @@ FSDP2 from the shipped accelerate config, on CPU through a shim (`fsdp_on_cpu.py
 its FSDP path on accelerator devices).
 
 Same global batch (heal.batch_size 4: 2 sequences per rank), same seed, same data order: the ranks'
-gradients are averaged by DDP, which is the single-process mean up to float32 summation order. Stated
-tolerance on the merged weights: max |Δ| ≤ 1e-6 (weights are O(1); observed 3e-8), and the same steps,
-best step and validation losses (≤ 1e-6) — early stopping decides alike.
+gradients are averaged by DDP (or reduce-scattered by FSDP2), which is the single-process mean up to
+float32 summation order. Stated tolerance on the merged weights: max |Δ| ≤ 1e-6 (weights are O(1);
+observed 2.7e-7 for DDP and FSDP2 at this lr 0.05, 3e-8 at lr 0.005), and the same steps, best step and
+validation losses (≤ 1e-6): early stopping decides alike.
 """
 
 import json
@@ -49,7 +50,9 @@ PREFIX = ("01_measure", "02_solve")
 def solved(tmp_path_factory):
     """A run with measure and solve done (in this process), to heal from."""
     root = tmp_path_factory.mktemp("heal2")
-    pipeline = small_pipeline(root)
+    # a high learning rate moves the masses enough in 4 steps that a teacher with the wrong masses
+    # (the student's: what swapping a sharded parameter's .data gives under FSDP) shows (7.6e-5 > 1e-6)
+    pipeline = small_pipeline(root, heal={"lr": 0.05})
     for stage in ("measure", "solve"):
         assert main([stage, "-c", str(pipeline)]) == 0
     return root, pipeline
