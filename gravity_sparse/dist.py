@@ -41,7 +41,8 @@ def _group() -> bool:
 def init() -> None:
     """Join the launcher's process group (a no-op in a single process or when already joined).
 
-    The backend is nccl when CUDA is available and the model will run there, gloo otherwise; the timeout
+    The backend is gloo for CPU tensors plus nccl for CUDA tensors when CUDA is available (so a model
+    kept on the CPU of a GPU node still reduces), gloo alone otherwise; the timeout
     of every collective is `GRAVITY_SPARSE_DIST_TIMEOUT` seconds (default 7200), long enough for rank 0 to
     run a stage that is not data-parallel while the others wait at a barrier.
     """
@@ -55,7 +56,8 @@ def init() -> None:
     )
     if cuda:
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
-    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    torch.distributed.init_process_group(backend=backend, timeout=timeout)
 
 
 def rank() -> int:
@@ -121,10 +123,19 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def _comm_device() -> torch.device:
-    if _group() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _comm_device(tensor: torch.Tensor | None = None) -> torch.device:
+    """Where a collective runs: the tensor's own device when the group's backend serves it, else the
+    device it does serve (objects go through the CPU unless the group is NCCL only)."""
+    backend = torch.distributed.get_backend() if _group() else "gloo"
+    serves_cpu = backend != "nccl"
+    serves_cuda = "nccl" in backend
+    if tensor is not None and (tensor.device.type == "cpu" and serves_cpu):
+        return tensor.device
+    if tensor is not None and tensor.device.type == "cuda" and serves_cuda:
+        return tensor.device
+    if serves_cpu:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def barrier() -> None:
@@ -144,7 +155,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over all ranks, in place (its dtype kept: float64 sums are added in float64)."""
     if not _group() or torch.distributed.get_world_size() == 1:
         return tensor
-    comm = _comm_device()
+    comm = _comm_device(tensor)
     buf = tensor if tensor.device == comm else tensor.to(comm)
     torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
     if buf is not tensor:
