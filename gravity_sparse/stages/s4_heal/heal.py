@@ -3,11 +3,12 @@
 peft LoRA on every linear projection (explicit `target_modules`), the gravity masses trained too (they are
 plain parameters, saved beside the adapter as `gravity_mass_log.safetensors` because peft saves only adapter
 weights). Driven by transformers `Trainer`, so under `torchrun` / `accelerate launch` it trains with DDP
-(Trainer's own): `heal.batch_size` is the global batch, split over the ranks, so the token budget and the
-number of steps do not depend on how many processes run; every rank takes the early-stopping decision from
-rank 0's validation loss. Brief by design: a token budget sets the number of steps; the heal split is divided into a train
-part and a validation part used for early stopping (the best validation state is kept); the held-out text is
-only evaluated, before and after. LoRA is merged into the weights at the end.
+(Trainer's own; FSDP2 from an accelerate config, see `sharded`): `heal.batch_size` is the global batch,
+split over the ranks, so the token budget and the number of steps do not depend on how many processes run;
+every rank takes the early-stopping decision from rank 0's validation loss. Brief by design: a token budget
+sets the number of steps; the heal split is divided into a train part and a validation part used for early
+stopping (the best validation state is kept); the held-out text is only evaluated, before and after. LoRA
+is merged into the weights at the end.
 
 Defaults (rank 64, half next-token loss and half distillation from the dense model) are what healed the
 tiny model best at a fixed token budget (benchmarks/results/*-tiny-heal-cpu.md): distillation alone and
