@@ -5,6 +5,11 @@ imports what it needs when it runs, so `--help`, `info` and `validate` load neit
 Trainer, dimod nor neal. User errors (`UserError`) print one line `error: ...` on stderr and exit 2;
 `--debug` shows the traceback instead. Summaries go to stdout (one line per stage, or JSON with `--json`);
 progress bars go to stderr.
+
+Under a launcher (`torchrun --nproc_per_node N -m gravity_sparse heal ...`, `accelerate launch -m
+gravity_sparse ...`) the same command line runs on every rank: the process group is joined before the command
+runs (`gravity_sparse.dist`), only rank 0 prints results, and SIGTERM (what a launcher sends the other ranks
+when one fails) unwinds like Ctrl-C, so unfinished stage folders are removed.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -33,8 +39,19 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
+def _launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _main_rank() -> bool:
+    """Rank 0 of a launcher's processes (or the only process): the one that prints results."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def emit(args: argparse.Namespace, summary: dict[str, Any], line: str) -> None:
-    """The one stdout result of a command: JSON with --json, else one human line."""
+    """The one stdout result of a command: JSON with --json, else one human line (rank 0 only)."""
+    if not _main_rank():
+        return
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -109,8 +126,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _pipeline_config(args.pipeline, args.overrides)
     wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
-    echo = None if args.json else (lambda line: print(line, flush=True))
+    echo = None if args.json or not _main_rank() else (lambda line: print(line, flush=True))
     results = run_pipeline(cfg, wanted, force=args.force, overwrite=args.overwrite, echo=echo)
+    if not _main_rank():
+        return 0
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     else:
@@ -346,8 +365,21 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = getattr(args, "debug", False)
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
         _quiet_libraries()
-        return int(args._run(args) or 0)
+        if _launched():
+            from gravity_sparse import dist
+
+            dist.init()
+        code = int(args._run(args) or 0)
+        if _launched():
+            from gravity_sparse import dist
+
+            dist.shutdown()
+        return code
     except UserError as e:
         if debug:
             raise
@@ -356,3 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted (unfinished stage folders were discarded)", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM unwinds like Ctrl-C: context managers run, so no half-written stage folder stays."""
+    raise KeyboardInterrupt

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from gravity_sparse import dist
 from gravity_sparse.errors import UserError
 
 SPLITS = ("train", "calibration", "heal", "heldout")
@@ -242,12 +243,15 @@ def eval_loss(
     seq_len: int,
     batch_size: int,
     max_tokens: int | None = None,
+    *,
+    data_parallel: bool = False,
 ) -> tuple[float, int]:
     """Mean next-token loss (nats/token) over non-overlapping windows, and the number of tokens scored.
 
     Deterministic: the same windows in the same order every time; with max_tokens only the first
     ceil(max_tokens / seq_len) windows count. The lm_head runs over chunks of positions
-    (`chunked_loss`), so no (B, S, V) logits exist at once.
+    (`chunked_loss`), so no (B, S, V) logits exist at once. `data_parallel`: every rank of a launcher
+    calls this at once, scores its share of the batches, and the sums are added (float64) over the ranks.
     """
     from .chunked_loss import final_hidden, nll_sums
 
@@ -257,10 +261,13 @@ def eval_loss(
     was_training = model.training
     model.eval()
     total = 0.0
-    for batch in iter_batches(blocks, batch_size):
-        batch = batch.to(device)
+    batches = list(iter_batches(blocks, batch_size))
+    for i in dist.share(len(batches)) if data_parallel else range(len(batches)):
+        batch = batches[i].to(device)
         total += float(nll_sums(model, final_hidden(model, batch[:, :-1]), batch[:, 1:]).sum())
     model.train(was_training)
+    if data_parallel:
+        total = dist.sum_float(total)
     count = blocks.shape[0] * seq_len
     return total / count, count
 

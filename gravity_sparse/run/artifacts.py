@@ -1,7 +1,9 @@
 """Stage folders: `RUN/NN_stage/` written atomically, with a `meta.json` that makes a run auditable.
 
 A stage writes into a temporary sibling folder and renames it at the end, so an interrupted stage never looks
-finished. meta.json records the resolved config, package versions, the git revision, hashes of the inputs,
+finished. Under a launcher (several ranks) only rank 0 writes: the other ranks get a scratch folder that is
+thrown away, every rank meets at a barrier before rank 0 renames (a rank that died makes that barrier fail,
+so nothing is renamed), and again after it (so that every rank can read the finished folder). meta.json records the resolved config, package versions, the git revision, hashes of the inputs,
 wall time and status. `is_current` tells whether a finished folder matches a config and inputs (the `run`
 command uses it to skip work already done).
 """
@@ -13,6 +15,7 @@ import json
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from gravity_sparse import dist
 from gravity_sparse.atomic import atomic_path
 from gravity_sparse.errors import UserError
 from gravity_sparse.stages import STAGES
@@ -130,11 +134,16 @@ def require_stage(run_dir: Path, stage: str) -> Path:
 
 
 class StageFolder:
-    """Handle given to a stage body: the temporary folder to write in, and a summary to fill."""
+    """Handle given to a stage body: the temporary folder to write in, and a summary to fill.
 
-    def __init__(self, tmp: Path, final: Path):
+    `writer` is False on the ranks other than 0: their `path` is a scratch folder that is thrown away, so a
+    stage may skip writing there (what rank 0 writes is the stage's result).
+    """
+
+    def __init__(self, tmp: Path, final: Path, writer: bool = True):
         self.path = tmp
         self.final = final
+        self.writer = writer
         self.summary: dict[str, Any] = {}
 
 
@@ -157,8 +166,14 @@ def stage_folder(
     `dirname` names a folder outside the numbered stages (the sweep's `RUN/sweep/`).
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / (dirname or stage_dirname(stage))
+    if not dist.is_main():
+        with tempfile.TemporaryDirectory(prefix=f"gravity-{final.name}-rank{dist.rank()}-") as tmp:
+            yield StageFolder(Path(tmp), final, writer=False)
+        dist.barrier()  # rank 0 has all it needs and may rename
+        dist.barrier()  # rank 0 renamed: the folder can be read
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
     inputs = dict(inputs or {})
     input_hashes = {k: hash_path(v) for k, v in inputs.items()}
     start = time.time() if started is None else started
@@ -166,10 +181,12 @@ def stage_folder(
         tmp.mkdir()
         handle = StageFolder(tmp, final)
         yield handle
+        dist.barrier()  # every rank finished its part (one that died fails this: nothing is renamed)
         content = hashlib.sha256()
         for f in sorted(q for q in tmp.rglob("*") if q.is_file()):
             content.update(str(f.relative_to(tmp)).encode())
             content.update(hash_path(f).encode())
+        layout = dist.describe()
         meta = {
             "stage": stage,
             "status": "ok",
@@ -181,8 +198,11 @@ def stage_folder(
             "versions": package_versions(),
             "git_revision": git_revision(),
             "command": " ".join(sys.argv),
+            "world_size": layout["world_size"],
+            "distributed": layout,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
             "wall_time_s": round(time.time() - start, 3),
             "summary": handle.summary,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    dist.barrier()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from gravity_sparse import dist
 from gravity_sparse.errors import UserError
 from gravity_sparse.experiments.sweep.config import SweepConfig
 from gravity_sparse.qubo.registry import METHODS
@@ -44,15 +45,16 @@ class ModelConfig:
         return _DTYPES[self.dtype]
 
     def torch_device(self) -> torch.device:
+        """The device; under a launcher, `auto` and `cuda` mean this process's GPU (LOCAL_RANK)."""
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return dist.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         try:
             dev = torch.device(self.device)
         except RuntimeError as e:
             raise UserError(f"model.device {self.device!r} is not a device") from e
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"model.device is {self.device} but no CUDA GPU is available")
-        return dev
+        return dist.local_device(dev)
 
 
 @dataclass

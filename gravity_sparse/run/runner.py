@@ -5,6 +5,10 @@ files, texts, earlier stage folders, by hash) is skipped; anything else is redon
 downstream of it (their inputs changed). An interrupted stage leaves no folder, so a re-run resumes at the
 first unfinished stage. Stages are looked up in an explicit table (`STAGE_MODULES`) and imported only when
 they run, so that configs and `validate` stay light.
+
+Under a launcher (`torchrun`, `accelerate launch`) every rank runs this same code. A stage module that sets
+`DATA_PARALLEL = True` (measure, apply, heal) runs on every rank, each doing its share; any other stage runs on
+rank 0, as a process by itself (`dist.alone`), while the other ranks wait at a barrier. Rank 0 decides what is current and tells the others.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from gravity_sparse import dist
 from gravity_sparse.errors import UserError
 from gravity_sparse.run.artifacts import is_current, read_meta, stage_dirname
 from gravity_sparse.run.pipeline import PipelineConfig
@@ -64,7 +69,16 @@ def run_stage(
     """Run one stage now: (its folder, the summary in its meta.json, its stdout line)."""
     start = time.perf_counter()
     kwargs = {"overwrite": overwrite} if stage == "export" else {}
-    folder = stage_module(stage).run(cfg, **kwargs)
+    module = stage_module(stage)
+    if getattr(module, "DATA_PARALLEL", False) or dist.world_size() == 1:
+        folder = module.run(cfg, **kwargs)
+    else:  # rank 0 runs it as a process of its own (meta.json: world_size 1); the others wait
+        if dist.is_main():
+            with dist.alone():
+                folder = module.run(cfg, **kwargs)
+        else:
+            folder = cfg.run_path() / stage_dirname(stage)
+        dist.barrier()
     summary = (read_meta(folder) or {}).get("summary", {})
     return folder, summary, summary_line(stage, folder, summary, time.perf_counter() - start)
 
@@ -92,7 +106,12 @@ def run_pipeline(
             continue
         folder = run_dir / stage_dirname(stage)
         module = stage_module(stage)
-        if not force and is_current(folder, section(cfg, stage), module.inputs(cfg)):
+        current = (
+            not force
+            and dist.is_main()
+            and is_current(folder, section(cfg, stage), module.inputs(cfg))
+        )
+        if dist.broadcast(current):
             line = summary_line(stage, folder, {}, None)
             results["stages"][stage] = "cached"
         else:

@@ -6,6 +6,11 @@ held-out text before healing and, optionally, after a short LoRA heal with the s
 `RUN/sweep/`: `sweep.json` (one row per pattern), `sweep.md` (the table), `pareto.png` (held-out loss
 against density, one line per method, unhealed dashed, healed solid, dense as a horizontal line) and a
 `meta.json` like every stage folder's (written atomically by `run.artifacts.stage_folder`).
+
+Fanned out under a launcher: the points (head-drop fraction, density) are independent, so each rank solves,
+evaluates and heals a contiguous share of them by itself (its heals train alone, `dist.alone`), the dense
+loss is scored data-parallel, and every rank's rows are gathered in the order of the points; rank 0 writes
+the folder. The rows do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 import torch
 
+from gravity_sparse import dist
 from gravity_sparse.errors import UserError
 from gravity_sparse.run.artifacts import stage_dirname, stage_folder
 from gravity_sparse.run.config import config_to_dict
@@ -92,42 +98,49 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
     tok = require_tokenizer(tok, cfg.model.path)
     eps = resolve_eps(cfg.solve, float(base.config.gravity_eps))
     ids = encode_text(tok, resolve_text(apply_cfg.eval_text))
-    dense_loss, scored = sparse_loss(base, None, ids, apply_cfg)
-    rows: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
+    dense_loss, scored = sparse_loss(base, None, ids, apply_cfg, data_parallel=True)
     start = time.perf_counter()
-    for head_drop in sw.head_drops:
-        for density in sw.densities:
-            try:
-                patterns = _patterns(cfg, tensors, meta, density, head_drop, eps)
-            except UserError as e:  # e.g. a density the heads left by head_drop cannot reach
-                skipped.append({"density": density, "head_drop": head_drop, "reason": str(e)})
-                print(f"sweep density {density} head_drop {head_drop}: skipped ({e})", flush=True)
-                continue
-            for method, masks in patterns.items():
-                row = {
-                    "density_target": density,
-                    "head_drop": head_drop,
-                    "method": method,
-                    "density": round(masks.density(), 6),
-                    "heads_kept": masks.heads_kept(),
-                    "heads_total": int(masks.head_keep.numel()),
-                    "loss_dense": dense_loss,
-                    "loss_unhealed": sparse_loss(base, masks, ids, apply_cfg)[0],
-                }
-                if sw.heal:
-                    torch.manual_seed(cfg.seed)
-                    model, _ = load_model(cfg.model.path, dtype=dtype, device=device)
-                    attach_masks(model, masks, kernel=heal_cfg.kernel)
-                    with tempfile.TemporaryDirectory() as scratch:
-                        peft_model, record = heal_model(
-                            model, tok, heal_cfg, Path(scratch), seed=cfg.seed
-                        )
-                    healed = peft_model.merge_and_unload().eval()
-                    row["loss_healed"] = sparse_loss(healed, masks, ids, apply_cfg)[0]
-                    row["heal_steps"] = record["steps_run"]
-                rows.append(row)
-                print(_row_line(row), flush=True)
+    points = [(h, d) for h in sw.head_drops for d in sw.densities]
+    mine = dist.share(len(points))
+    done: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = []
+    for head_drop, density in points[mine.start : mine.stop]:
+        rows: list[dict[str, Any]] = []
+        skipped: list[dict[str, Any]] = []
+        done.append((rows, skipped))
+        try:
+            patterns = _patterns(cfg, tensors, meta, density, head_drop, eps)
+        except UserError as e:  # e.g. a density the heads left by head_drop cannot reach
+            skipped.append({"density": density, "head_drop": head_drop, "reason": str(e)})
+            print(f"sweep density {density} head_drop {head_drop}: skipped ({e})", flush=True)
+            continue
+        for method, masks in patterns.items():
+            row = {
+                "density_target": density,
+                "head_drop": head_drop,
+                "method": method,
+                "density": round(masks.density(), 6),
+                "heads_kept": masks.heads_kept(),
+                "heads_total": int(masks.head_keep.numel()),
+                "loss_dense": dense_loss,
+                "loss_unhealed": sparse_loss(base, masks, ids, apply_cfg)[0],
+            }
+            if sw.heal:
+                torch.manual_seed(cfg.seed)
+                model, _ = load_model(cfg.model.path, dtype=dtype, device=device)
+                attach_masks(model, masks, kernel=heal_cfg.kernel)
+                with tempfile.TemporaryDirectory() as scratch, dist.alone():
+                    peft_model, record = heal_model(
+                        model, tok, heal_cfg, Path(scratch), seed=cfg.seed
+                    )
+                healed = peft_model.merge_and_unload().eval()
+                row["loss_healed"] = sparse_loss(healed, masks, ids, apply_cfg)[0]
+                row["heal_steps"] = record["steps_run"]
+            rows.append(row)
+            print(_row_line(row), flush=True)
+    # every rank's points, in the order of the points (each rank's share is contiguous)
+    every = [point for share in dist.gather(done) for point in share]
+    rows = [row for point_rows, _ in every for row in point_rows]
+    skipped = [skip for _, point_skipped in every for skip in point_skipped]
     summary = {
         "model": str(cfg.model.path or "checkpoints/gravity-tiny"),
         "eval_text": apply_cfg.eval_text,
@@ -142,9 +155,10 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
         run, "sweep", config=sweep_config(cfg), inputs=sweep_inputs(cfg), started=t0,
         dirname=SWEEP_DIR,
     ) as sf:  # fmt: skip
-        (sf.path / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (sf.path / "sweep.md").write_text(sweep_markdown(summary))
-        plot_pareto(summary, sf.path / "pareto.png")
+        if sf.writer:  # rank 0
+            (sf.path / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (sf.path / "sweep.md").write_text(sweep_markdown(summary))
+            plot_pareto(summary, sf.path / "pareto.png")
         sf.summary.update(rows=len(rows), skipped=len(skipped), wall_s=summary["wall_s"])
     return sf.final, summary
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from gravity_sparse import dist
+
 MAX_BLOCK_SHARE = (
     1.0 - 1e-6
 )  # caps −log(1 − p) at ≈ 13.8 nats for a block holding all of a row's mass
@@ -201,6 +203,19 @@ class LayerFieldAccumulator:
         if out is not None and o_weight is not None:
             self.gram += head_output_gram(out, o_weight)
         self.rows += probs.shape[0] * probs.shape[2]
+
+    def all_reduce(self) -> None:
+        """Add the sums of every rank of a launcher into each rank's (float64 stays float64)."""
+        for sums in (
+            self.block_mass,
+            self.block_cost,
+            self.profile,
+            self.score_profile,
+            self.entropy,
+            self.gram,
+        ):
+            dist.all_reduce_sum(sums)
+        self.rows = round(dist.sum_float(self.rows))
 
     def result(self) -> dict[str, torch.Tensor]:
         """Means over everything added so far (only whole sequences of `seq_len` may have been added)."""

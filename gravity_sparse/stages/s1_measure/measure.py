@@ -17,13 +17,18 @@ Exact ablation is what the QUBO uses as `importance`: dropping a head zeroes its
 what was measured, while the first-order estimate linearises a change that is not small and misses
 interactions through the later layers. The gradient estimate is the fallback when ablation is too
 expensive (`importance="grad"`), and the metadata says which one `importance` holds.
+
+Data-parallel under a launcher: each rank takes a contiguous share of the calibration batches (whole
+batches, so every sequence is computed exactly as in one process) and of the ablation sequences; the
+float64 sums of the field, the losses and both importances are added over the ranks before any mean is
+taken, so the field equals the single-process one up to the order of float64 additions. Only the rank given
+an `out_dir` writes files.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,6 +37,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from gravity_sparse import dist
 from gravity_sparse.errors import UserError
 from gravity_sparse.model.chunked_loss import (
     LOSS_CHUNK,
@@ -41,11 +47,8 @@ from gravity_sparse.model.chunked_loss import (
 )
 from gravity_sparse.model.modeling_gravity import gravity_scores
 from gravity_sparse.stages.s1_measure.config import MeasureConfig
-from gravity_sparse.stages.s1_measure.field import (
-    LayerFieldAccumulator,
-    fit_power_law,
-    head_locality,
-)
+from gravity_sparse.stages.s1_measure.field import LayerFieldAccumulator
+from gravity_sparse.stages.s1_measure.summary import measure_summary, power_law_fits
 
 
 def calibration_sequences(
@@ -154,13 +157,24 @@ def _field_pass(model, sequences, cfg, kernels, accs) -> float:
             return chunked_attention(module, q, k, v, mask, cfg.chunk_elements, reduce)
 
         kernels.set(layer, kernel)
-    batches = sequences.split(cfg.batch_size)
-    for batch in tqdm(batches, desc="measure: field", disable=not cfg.progress):
+    for batch in tqdm(_my_batches(sequences, cfg), desc="measure: field", disable=_quiet(cfg)):
         ids = batch.to(device)
         with torch.no_grad():
             losses = _sequence_losses(model, final_hidden(model, ids), ids)
         loss_sum += float(losses.sum())
-    return loss_sum / sequences.shape[0]
+    for acc in accs:
+        acc.all_reduce()
+    return dist.sum_float(loss_sum) / sequences.shape[0]
+
+
+def _my_batches(sequences: torch.Tensor, cfg: MeasureConfig) -> list[torch.Tensor]:
+    """This rank's share of the calibration batches (all of them in one process)."""
+    batches = sequences.split(cfg.batch_size)
+    return [batches[i] for i in dist.share(len(batches))]
+
+
+def _quiet(cfg: MeasureConfig) -> bool:
+    return not cfg.progress or not dist.is_main()
 
 
 def _grad_importance(model, sequences, cfg, kernels) -> torch.Tensor:
@@ -182,9 +196,7 @@ def _grad_importance(model, sequences, cfg, kernels) -> torch.Tensor:
 
     for layer in range(num_layers):
         kernels.set(layer, kernel)
-    for batch in tqdm(
-        sequences.split(cfg.batch_size), desc="measure: grad", disable=not cfg.progress
-    ):
+    for batch in tqdm(_my_batches(sequences, cfg), desc="measure: grad", disable=_quiet(cfg)):
         ids = batch.to(model.device)
         outs.clear()
         with torch.enable_grad(), checkpointed_layers(model):
@@ -195,7 +207,7 @@ def _grad_importance(model, sequences, cfg, kernels) -> torch.Tensor:
         for layer, (out, grad) in enumerate(zip(targets, grads, strict=True)):
             per_seq = (grad.float() * out.detach().float()).sum(dim=(2, 3))  # (B, H)
             total[layer] += per_seq.abs().double().sum(0).cpu()
-    return (total / sequences.shape[0]).float()
+    return (dist.all_reduce_sum(total) / sequences.shape[0]).float()
 
 
 def _capture_layer_inputs(model, ids, kernels, cfg) -> list[tuple[torch.Tensor, dict]]:
@@ -230,10 +242,11 @@ def _ablation_importance(model, sequences, cfg, kernels) -> torch.Tensor:
     num_layers, heads = len(layers), kernels.layers[0].num_heads
     group = cfg.ablation_group or heads
     used = sequences[: cfg.ablation_sequences]
+    mine = used[dist.share(len(used)).start : dist.share(len(used)).stop]
     total = torch.zeros(num_layers, heads, dtype=torch.float64)
-    steps = len(used) * num_layers * (-(-heads // group))
-    bar = tqdm(total=steps, desc="measure: ablation", disable=not cfg.progress)
-    for seq in used:
+    steps = len(mine) * num_layers * (-(-heads // group))
+    bar = tqdm(total=steps, desc="measure: ablation", disable=_quiet(cfg))
+    for seq in mine:
         ids = seq.view(1, -1).to(model.device)
         inputs = _capture_layer_inputs(model, ids, kernels, cfg)
         for layer in range(num_layers):
@@ -260,27 +273,20 @@ def _ablation_importance(model, sequences, cfg, kernels) -> torch.Tensor:
                 bar.update()
         del inputs
     bar.close()
-    return (total / len(used)).float()
-
-
-def _fits(profile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Power-law fits of profiles [L, H, S] -> alpha, amp, r2, each [L, H]."""
-    num_layers, heads = profile.shape[:2]
-    out = torch.full((3, num_layers, heads), float("nan"))
-    for layer in range(num_layers):
-        for head in range(heads):
-            fit = fit_power_law(profile[layer, head].numpy())
-            out[:, layer, head] = torch.tensor([fit.alpha, fit.amp, fit.r2])
-    return out[0], out[1], out[2]
+    return (dist.all_reduce_sum(total) / len(used)).float()
 
 
 def run_measure(
     model: torch.nn.Module,
     token_ids: torch.Tensor | Sequence[int],
     cfg: MeasureConfig,
-    out_dir: Path,
+    out_dir: Path | None,
 ) -> dict:
-    """Measure the field of `model` on `token_ids` (1-D) and write field.safetensors + plots to out_dir."""
+    """Measure the field of `model` on `token_ids` (1-D) and write field.safetensors + plots to out_dir.
+
+    Under a launcher every rank calls this at once and does its share; `out_dir` None writes nothing
+    (the ranks other than 0).
+    """
     config = model.config
     attns = model.gravity_layers()
     head_counts = {(a.num_heads, a.num_key_value_heads) for a in attns}
@@ -291,8 +297,6 @@ def run_measure(
     sequences = calibration_sequences(
         token_ids, cfg.seq_len, cfg.num_sequences, int(config.max_position_embeddings)
     )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     num_layers, (heads, kv_heads) = len(attns), head_counts.pop()
     device = model.device
     was_training = model.training
@@ -323,7 +327,7 @@ def run_measure(
     results = [acc.result() for acc in accs]
     tensors = {key: torch.stack([r[key] for r in results]).cpu() for key in results[0]}
     mass_log = torch.stack([a.gravity_mass_log.detach().float().cpu() for a in attns])
-    alpha, alpha_amp, alpha_r2 = _fits(tensors["profile"])
+    alpha, alpha_amp, alpha_r2 = power_law_fits(tensors["profile"])
     tensors.update(
         importance=importance,
         importance_grad=grad_imp,
@@ -345,53 +349,14 @@ def run_measure(
         "num_tokens": str(num_tokens),
         "importance_method": importance_method,
     }
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()},
-        str(out_dir / "field.safetensors"),
-        metadata,
-    )
     plots = []
-    if cfg.plots:
-        from gravity_sparse.stages.s1_measure.plots import plot_field
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(out_dir / "field.safetensors"), metadata)
+        if cfg.plots:
+            from gravity_sparse.stages.s1_measure.plots import plot_field
 
-        plots = plot_field(tensors, out_dir)
-    return _summary(tensors, cfg, loss, num_tokens, timings, importance_method, plots)
-
-
-def _summary(tensors, cfg, loss, num_tokens, timings, importance_method, plots) -> dict:
-    """JSON-able summary: run numbers and one row per head."""
-    locality = head_locality(tensors["block_field"])
-    num_layers, heads = tensors["mass"].shape
-
-    def num(x: torch.Tensor) -> float | None:
-        value = float(x)
-        return None if value != value else round(value, 6)  # NaN is not JSON
-
-    rows = [
-        {
-            "layer": layer,
-            "head": head,
-            "kv_head": int(tensors["kv_groups"][layer, head]),
-            **{
-                key: num(tensors[key][layer, head])
-                for key in ("mass", "alpha", "alpha_r2", "entropy", "importance", "importance_grad")
-            },
-            "locality": num(locality[layer, head]),
-        }
-        for layer in range(num_layers)
-        for head in range(heads)
-    ]
-    order = sorted(rows, key=lambda r: r["locality"] or 0.0)
-    return {
-        "config": asdict(cfg),
-        "num_sequences": num_tokens // cfg.seq_len,
-        "num_tokens": num_tokens,
-        "loss": round(loss, 6),
-        "importance_method": importance_method,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "tokens_per_s": round(num_tokens / timings["field_s"], 1),
-        "most_local": {"layer": order[-1]["layer"], "head": order[-1]["head"]},
-        "least_local": {"layer": order[0]["layer"], "head": order[0]["head"]},
-        "heads": rows,
-        "plots": plots,
-    }
+            plots = plot_field(tensors, out_dir)
+    return measure_summary(tensors, cfg, loss, num_tokens, timings, importance_method, plots)

@@ -11,6 +11,8 @@ from gravity_sparse.model.io import resolve_model_path
 from gravity_sparse.run.pipeline import PipelineConfig
 from gravity_sparse.stages import common
 
+DATA_PARALLEL = True  # every rank of a launcher measures its share (runner.run_stage)
+
 
 def inputs(cfg: PipelineConfig) -> dict[str, Any]:
     return {
@@ -26,7 +28,8 @@ def run(cfg: PipelineConfig) -> Path:
     model, tok = common.load(cfg)
     ids = common.tokens(tok, cfg.calibration_text)
     with common.folder(cfg, "measure", inputs(cfg), t0) as sf:
-        summary = run_measure(model, ids, cfg.measure, sf.path)
-        (sf.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary = run_measure(model, ids, cfg.measure, sf.path if sf.writer else None)
+        if sf.writer:
+            (sf.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         sf.summary.update({k: summary[k] for k in ("num_tokens", "loss", "tokens_per_s")})
     return sf.final

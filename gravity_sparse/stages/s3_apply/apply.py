@@ -48,9 +48,15 @@ def masks_in(solve_dir: Path, baselines: bool = True) -> dict[str, Path]:
 
 
 def sparse_loss(
-    model: torch.nn.Module, masks: Masks | None, ids: torch.Tensor, cfg: ApplyConfig
+    model: torch.nn.Module,
+    masks: Masks | None,
+    ids: torch.Tensor,
+    cfg: ApplyConfig,
+    data_parallel: bool = False,
 ) -> tuple[float, int]:
     """Held-out loss of the model with `masks` attached (None: dense); the model is left dense.
+
+    `data_parallel`: every rank of a launcher calls this at once and scores its share of the windows.
 
     Dense and sparse run on the same backend (`apply.kernel`, resolved once): on CPU the chunked CPU
     kernel, so neither materialises (B, H, S, S) probabilities, and the logits are never all alive at
@@ -65,7 +71,9 @@ def sparse_loss(
     else:
         attach_kernel(model, cfg.kernel)
     try:
-        return eval_loss(model, ids, cfg.seq_len, cfg.batch_size, cfg.max_tokens)
+        return eval_loss(
+            model, ids, cfg.seq_len, cfg.batch_size, cfg.max_tokens, data_parallel=data_parallel
+        )
     finally:
         if masks is not None:
             detach_masks(model)
@@ -74,20 +82,25 @@ def sparse_loss(
 
 
 def evaluate_masks(
-    model: torch.nn.Module, tokenizer: Any, mask_files: dict[str, Path], cfg: ApplyConfig
+    model: torch.nn.Module,
+    tokenizer: Any,
+    mask_files: dict[str, Path],
+    cfg: ApplyConfig,
+    data_parallel: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per pattern (dense first): method, density, heads kept, loss, perplexity, tokens.
 
     The held-out text becomes ids through the model's own `tokenizer`; losses are nats per its token.
+    `data_parallel`: every rank of a launcher calls this and scores its share of the windows.
     """
     ids = encode_text(tokenizer, resolve_text(cfg.eval_text))
     rows = []
-    loss, n = sparse_loss(model, None, ids, cfg)
+    loss, n = sparse_loss(model, None, ids, cfg, data_parallel)
     heads = sum(a.num_heads for a in model.gravity_layers())
     rows.append(_row("dense", 1.0, heads, heads, loss, n))
     for name, path in mask_files.items():
         masks = read_masks(path)
-        loss, n = sparse_loss(model, masks, ids, cfg)
+        loss, n = sparse_loss(model, masks, ids, cfg, data_parallel)
         rows.append(_row(name, masks.density(), masks.heads_kept(), heads, loss, n))
     return rows
 

@@ -1,4 +1,7 @@
-"""The apply stage: held-out loss of the model with every solved pattern, unhealed → `03_apply/`."""
+"""The apply stage: held-out loss of the model with every solved pattern, unhealed → `03_apply/`.
+
+Data-parallel under a launcher: every rank scores its share of the held-out windows; rank 0 writes.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from gravity_sparse.model.io import resolve_model_path
 from gravity_sparse.run.artifacts import require_stage, stage_dirname
 from gravity_sparse.run.pipeline import PipelineConfig
 from gravity_sparse.stages import common
+
+DATA_PARALLEL = True  # every rank of a launcher scores its share (runner.run_stage)
 
 
 def inputs(cfg: PipelineConfig) -> dict[str, Any]:
@@ -26,8 +31,10 @@ def run(cfg: PipelineConfig) -> Path:
     t0 = time.time()
     solve_dir = require_stage(cfg.run_path(), "solve")
     model, tok = common.load(cfg)
-    rows = evaluate_masks(model, tok, masks_in(solve_dir, cfg.apply.baselines), cfg.apply)
+    files = masks_in(solve_dir, cfg.apply.baselines)
+    rows = evaluate_masks(model, tok, files, cfg.apply, data_parallel=True)
     with common.folder(cfg, "apply", inputs(cfg), t0) as sf:
-        write_results(rows, sf.path, f"Held-out loss, unhealed ({cfg.apply.eval_text})")
+        if sf.writer:
+            write_results(rows, sf.path, f"Held-out loss, unhealed ({cfg.apply.eval_text})")
         sf.summary["rows"] = rows
     return sf.final

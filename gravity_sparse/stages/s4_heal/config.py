@@ -13,10 +13,16 @@ class HealConfig:
     text: str = field(default="heal", metadata={"help": "corpus split or text file to heal on"})
     eval_text: str = field(default="heldout", metadata={"help": "held-out text, evaluated only"})
     token_budget: int = field(
-        default=400_000, metadata={"help": "training tokens (steps = budget / (batch · seq_len))"}
+        default=400_000,
+        metadata={
+            "help": "training tokens over all processes (steps = budget / (batch · seq_len))"
+        },
     )
     seq_len: int = field(default=512, metadata={"help": "training window, ≤ the masks' max_length"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per step"})
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "sequences per step over all processes (split evenly over the ranks)"},
+    )
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (LoRA and masses)"})
     warmup_fraction: float = field(default=0.05, metadata={"help": "linear warm-up share of steps"})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank"})

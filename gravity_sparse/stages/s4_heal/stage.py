@@ -1,4 +1,9 @@
-"""The heal stage: LoRA-heal the sparse model, sparse attention active → `04_heal/` (adapter, merged)."""
+"""The heal stage: LoRA-heal the sparse model, sparse attention active → `04_heal/` (adapter, merged).
+
+Data-parallel under a launcher: every rank trains (Trainer's DDP, or FSDP2 from an accelerate config) and
+scores its share of the held-out windows; rank 0 writes the folder. Under FSDP rank 0 alone holds the
+merged model and scores the held-out text after healing.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,14 @@ from typing import Any
 
 import torch
 
+from gravity_sparse import dist
 from gravity_sparse.errors import UserError
 from gravity_sparse.model.io import resolve_model_path
 from gravity_sparse.run.artifacts import stage_dirname
 from gravity_sparse.run.pipeline import PipelineConfig
 from gravity_sparse.stages import common
+
+DATA_PARALLEL = True  # every rank of a launcher runs it (runner.run_stage)
 
 
 def inputs(cfg: PipelineConfig) -> dict[str, Any]:
@@ -44,19 +52,25 @@ def run(cfg: PipelineConfig) -> Path:
         )
     torch.manual_seed(cfg.seed)
     model, tok = common.load(cfg)
-    dense = held_out_loss(model, tok, cfg.heal)
+    dense = held_out_loss(model, tok, cfg.heal, data_parallel=True)
     attach_masks(model, masks, kernel=cfg.heal.kernel)
-    before = held_out_loss(model, tok, cfg.heal)
+    before = held_out_loss(model, tok, cfg.heal, data_parallel=True)
     with (
         common.folder(cfg, "heal", inputs(cfg), t0) as sf,
         tempfile.TemporaryDirectory() as scratch,
     ):
         peft_model, record = heal_model(model, tok, cfg.heal, Path(scratch), seed=cfg.seed)
-        save_adapter(peft_model, sf.path / "adapter")
-        merged = peft_model.merge_and_unload()
-        merged.eval()
-        after = held_out_loss(merged, tok, cfg.heal)
-        save_model(merged, tok, sf.path / "merged")
+        merged = None
+        if peft_model is not None:  # every rank, or under FSDP rank 0 (the full trained state)
+            if sf.writer:
+                save_adapter(peft_model, sf.path / "adapter")
+            merged = peft_model.merge_and_unload()
+            merged.eval()
+        if record["fsdp"]:  # only rank 0 holds the whole merged model
+            after = held_out_loss(merged, tok, cfg.heal) if merged is not None else None
+            after = dist.broadcast(after)
+        else:
+            after = held_out_loss(merged, tok, cfg.heal, data_parallel=True)
         record.update(
             masks=cfg.masks,
             density=masks.density(),
@@ -66,7 +80,9 @@ def run(cfg: PipelineConfig) -> Path:
             heldout_after=after,
             gap_to_dense_pct=100.0 * (after - dense) / dense,
         )
-        write_record(record, sf.path / "heal.json")
-        plot_loss_curve(record["log_history"], sf.path / "loss_curve.png")
         sf.summary.update({k: v for k, v in record.items() if k != "log_history"})
+        if sf.writer:
+            save_model(merged, tok, sf.path / "merged")
+            write_record(record, sf.path / "heal.json")
+            plot_loss_curve(record["log_history"], sf.path / "loss_curve.png")
     return sf.final

@@ -75,7 +75,8 @@ def test_heal_loss_is_cross_entropy_or_kl_to_the_teacher(distill):
     """distill 0: exactly the next-token cross entropy; distill 1: exactly KL(teacher ‖ student)."""
     peft_model, teacher, masses = _student_and_teacher()
     x = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
-    trainer = SimpleNamespace(distill=distill, masses=masses)
+    unwrapped = SimpleNamespace(unwrap_model=lambda m: m)  # one process: nothing wraps the model
+    trainer = SimpleNamespace(distill=distill, masses=masses, accelerator=unwrapped)
     loss, outputs = HealTrainer.compute_loss(
         trainer, peft_model, {"input_ids": x, "labels": x}, return_outputs=True
     )
