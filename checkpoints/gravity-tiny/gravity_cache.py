@@ -26,6 +26,7 @@ blocks cannot come back.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,8 @@ from torch.nn import functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .gravity_blocks import BlockTables
+
+_VERSIONS = itertools.count(1)  # mapping versions, unique across caches (plans are cached by them)
 
 
 @dataclass
@@ -56,7 +59,7 @@ class GravityBlockLayer(DynamicLayer):
 
     def __init__(self, **kwargs):
         super().__init__()
-        self.length, self.version, self.capacity, self.freed_upto = 0, 0, 0, 0
+        self.length, self.version, self.capacity, self.freed_upto = 0, next(_VERSIONS), 0, 0
         self.slots: torch.Tensor | None = None  # (Hkv, NB) long: slot of (g, kb) (not flat), −1
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -138,7 +141,7 @@ class GravityBlockLayer(DynamicLayer):
             sorted(set(range(capacity)) - set(new_slots[g][held[g]].tolist()), reverse=True)
             for g in range(hkv)
         ]
-        self.version += 1
+        self.version = next(_VERSIONS)
 
     def _allocate(self, g: int, kb: int) -> None:
         if not self.free[g]:
@@ -148,7 +151,7 @@ class GravityBlockLayer(DynamicLayer):
         flat = g * self.capacity + slot
         self.keys[:, flat].zero_()
         self.values[:, flat].zero_()
-        self.version += 1
+        self.version = next(_VERSIONS)
 
     def update_blocks(
         self, key_states: torch.Tensor, value_states: torch.Tensor, tables: BlockTables
@@ -203,7 +206,7 @@ class GravityBlockLayer(DynamicLayer):
         capacity = int(count.max()) + max(2, int(count.max()) // 8)
         rank = need.long().cumsum(1) - 1
         self.slots[:, :nbk] = torch.where(need, rank, -1)
-        self.capacity, self.version = capacity, self.version + 1
+        self.capacity, self.version = capacity, next(_VERSIONS)
         self.free = [list(range(capacity - 1, int(count[g]) - 1, -1)) for g in range(hkv)]
         src = (torch.arange(hkv).view(-1, 1) * nbk + torch.arange(nbk))[need].to(self.device)
         dst = (torch.arange(hkv).view(-1, 1) * capacity + rank)[need].to(self.device)
@@ -226,7 +229,7 @@ class GravityBlockLayer(DynamicLayer):
         for g, kb in gone.nonzero().tolist():
             self.free[g].append(int(self.slots[g, kb]))
         self.slots[gone] = -1
-        self.version += 1
+        self.version = next(_VERSIONS)
         live = int((self.slots >= 0).sum(1).max())
         if self.capacity > 8 and live <= self.capacity // 2:
             self._resize(live + max(2, live // 8))

@@ -21,6 +21,8 @@ s = M² r, r = 1/(d² + ε), p = softmax(s), δ_i = do_i · o_i:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.nn import functional as F
 
@@ -219,8 +221,14 @@ def key_padding(attention_mask: torch.Tensor | None, seq_len_q: int, seq_len_k: 
     keys that are not padding (the mask is causal ∩ those), or None (anything else: use the reference)."""
     if attention_mask is None:
         return "causal"
-    key = (id(attention_mask), attention_mask.data_ptr(), attention_mask._version, seq_len_k)
-    if _mask_memo.get("key") == key:
+    memo = _mask_memo.get(
+        "mask"
+    )  # a weak reference: a new mask at the old address is not the referent
+    if (
+        memo is not None
+        and memo[0]() is attention_mask
+        and memo[1:] == (attention_mask._version, seq_len_k)
+    ):
         return _mask_memo["value"]
     mask = attention_mask[..., -seq_len_k:]
     allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
@@ -231,7 +239,9 @@ def key_padding(attention_mask: torch.Tensor | None, seq_len_q: int, seq_len_k: 
         keyok = allowed[:, :1, -1, :]  # the last query's row: every key it may see
         if bool((allowed == (causal & keyok.unsqueeze(-2))).all()):
             value = "causal" if bool(keyok.all()) else keyok[:, 0]
-    _mask_memo.update(key=key, value=value)
+    _mask_memo.update(
+        mask=(weakref.ref(attention_mask), attention_mask._version, seq_len_k), value=value
+    )
     return value
 
 
@@ -357,7 +367,7 @@ def block_sparse_attention(
             return view.slot_of_block
 
     where = (q_start // bs, "decode") if s == 1 else (q_start, s)
-    key = (*where, bsz, *store_key)
+    key = (*where, bsz, str(q.device), *store_key)
     plans = memo["plans"]
     plan = plans.get(key)
     if plan is None:

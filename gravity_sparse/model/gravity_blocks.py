@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-MAX_ELEMENTS = 1 << 23  # scores per chunk (fp32: 32 MiB)
+# scores (and gathered key/value floats) per chunk: 4 MiB in fp32, so that glibc serves the chunk's tensors
+# from its heap; from 32 MiB on it maps fresh pages for each, and page faults then cost more than the work
+MAX_ELEMENTS = 1 << 20
 BUCKET_NS = 60_000.0  # fixed cost of one bucket (its dozen ops), ns
 GATHER_NS = 0.25  # cost of gathering one float, ns
 FLOP_NS = 1.0 / 30.0  # one matmul flop, ns
@@ -230,7 +232,8 @@ def make_plan(
             hi = lo
             while hi < len(counts) and counts[hi] <= top:
                 hi += 1
-            step = max(1, max_elements // max(1, width * r * top * bs * batch))
+            per_unit = max(width * r, 2 * head_dim) * top * bs * batch  # scores, gathered K and V
+            step = max(1, max_elements // per_unit)
             for a in range(lo, hi, step):
                 chunk = members[a : min(a + step, hi)]
                 buckets.append(_bucket(lanes, nb, bs, chunk, top, r, slot_map, q_start, seq_len_q))

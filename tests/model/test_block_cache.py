@@ -12,7 +12,7 @@ from gravity_sparse import load_model
 from gravity_sparse.model import gravity_blocks
 from gravity_sparse.model.data import split_text
 from gravity_sparse.model.gravity_cache import GravityBlockCache
-from gravity_sparse.model.masks import attach_masks, extend_masks
+from gravity_sparse.model.masks import Masks, attach_masks, extend_masks
 from gravity_sparse.model.modeling_gravity import cache_kwarg
 from gravity_sparse.stages.s5_export.export import prune_model
 
@@ -173,3 +173,49 @@ def test_generate_keeps_a_cache_it_is_given_and_dense_models_keep_the_dynamic_ca
     attach_masks(model, masks, kernel="reference")  # a kernel that cannot read block stores
     out = model.generate(x, **kw)
     assert type(out.get("cache", out.get("past_key_values"))) is DynamicCache
+
+
+def test_two_caches_on_one_model_do_not_mix():
+    """Plans are cached per mapping version; versions are unique across caches."""
+    model, masks = _gqa_sparse()
+    model = prune_model(model, masks)
+    xs = [
+        torch.randint(0, 256, (1, 13 + i), generator=torch.Generator().manual_seed(i))
+        for i in (0, 1)
+    ]
+    want = [greedy(model, x, 12, DynamicCache(config=model.config)) for x in xs]
+    caches = [GravityBlockCache(config=model.config) for _ in xs]
+    seqs, outs = list(xs), []
+    with torch.no_grad():
+        for x, c in zip(xs, caches, strict=True):
+            outs.append(model(x, use_cache=True, **cache_kwarg(c)))
+        for _ in range(12):  # one step of each, in turn
+            for i, c in enumerate(caches):
+                nxt = outs[i].logits[:, -1:].argmax(-1)
+                seqs[i] = torch.cat([seqs[i], nxt], 1)
+                outs[i] = model(nxt, use_cache=True, **cache_kwarg(c))
+    assert all(torch.equal(s, w) for s, w in zip(seqs, want, strict=True))
+
+
+def test_new_masks_on_a_model_take_effect():
+    """Tables are rebuilt when a layer's masks change (a new tensor, or the same one changed in place)."""
+    model = tiny_model(seed=3)
+    x = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(2))
+    first = local_masks(2, 4, 4, 16, window=1, extra=0.0)
+    second = local_masks(2, 4, 4, 16, window=4, extra=0.0)
+    outs = {}
+    with torch.no_grad():
+        for kernel in ("reference", "cpu"):
+            for name, masks in (("first", first), ("second", second)):
+                copy = Masks(
+                    masks.head_keep.clone(), masks.block_mask.clone(), 16, masks.max_length
+                )
+                attach_masks(model, copy, kernel=kernel)
+                outs[kernel, name] = model(x).logits
+            attn = model.gravity_layers()[0]
+            attn.gravity_block_mask[:, 3, 0] = False  # in place
+            outs[kernel, "changed"] = model(x).logits
+    for name in ("first", "second", "changed"):
+        torch.testing.assert_close(outs["cpu", name], outs["reference", name], rtol=1e-4, atol=1e-4)
+    assert (outs["cpu", "first"] - outs["cpu", "second"]).abs().max() > 1e-3
+    assert (outs["cpu", "changed"] - outs["cpu", "second"]).abs().max() > 1e-4
