@@ -117,8 +117,12 @@ class GravityBlockLayer(DynamicLayer):
 
     # ---- the store --------------------------------------------------------------------------------
     def _flat(self) -> torch.Tensor:
-        base = torch.arange(self.num_kv_heads).view(-1, 1) * self.capacity
-        return torch.where(self.slots >= 0, base + self.slots, -1)
+        """(Hkv, NB) long: flat store index of every held block, −1 elsewhere (kept per version)."""
+        if self.__dict__.get("_flat_version") != self.version:
+            base = torch.arange(self.num_kv_heads).view(-1, 1) * self.capacity
+            self._flat_cache = torch.where(self.slots >= 0, base + self.slots, -1)
+            self._flat_version = self.version
+        return self._flat_cache
 
     def _resize(self, capacity: int) -> None:
         """New stores of `capacity` slots per head; held blocks keep their order, packed from slot 0."""
@@ -174,6 +178,7 @@ class GravityBlockLayer(DynamicLayer):
             self.values = value_states.new_zeros(bsz, 1, bs, d)
         elif nb > self.slots.shape[1]:  # a layer without a mask: its all-kept grid grew
             self.slots = F.pad(self.slots, (0, nb - self.slots.shape[1]), value=-1)
+            self.version = next(_VERSIONS)
         reader = tables.last_reader
         self.length = l1
         if l0 == 0:
@@ -183,16 +188,20 @@ class GravityBlockLayer(DynamicLayer):
             for g in range(hkv):
                 if reader[g, kb] >= kb and self.slots[g, kb] < 0:
                     self._allocate(g, kb)
+        slot_flat = self._flat()
         pos = torch.arange(l0, l1)
-        flat = self._flat()[:, pos // bs]  # (Hkv, s)
-        keep = (flat >= 0).flatten()
-        if bool(keep.any()):
-            dst = (flat * bs + pos % bs).flatten()[keep].to(self.device)
-            src = keep.nonzero().squeeze(1).to(self.device)
-            for store, new in ((self.keys, key_states), (self.values, value_states)):
-                store.view(bsz, -1, d).index_copy_(1, dst, new.reshape(bsz, hkv * s, d)[:, src])
+        flat = slot_flat[:, pos // bs]  # (Hkv, s)
+        dst = (flat * bs + pos % bs).flatten()
+        keep = flat.flatten() >= 0
+        if not bool(keep.all()):  # a KV head that stores nothing (all its query heads dropped)
+            src, dst = keep.nonzero().squeeze(1).to(self.device), dst[keep]
+        for store, new in ((self.keys, key_states), (self.values, value_states)):
+            new = new.reshape(bsz, hkv * s, d)
+            store.view(bsz, -1, d).index_copy_(
+                1, dst.to(self.device), new if bool(keep.all()) else new[:, src]
+            )
         view = BlockView(
-            self.keys, self.values, self._flat(), hkv * self.capacity, l1, self.version, hkv
+            self.keys, self.values, slot_flat, hkv * self.capacity, l1, self.version, hkv
         )
         self._free(reader, l1 // bs)
         return view
@@ -203,7 +212,7 @@ class GravityBlockLayer(DynamicLayer):
         need = (reader[:, :nbk] >= l1 // bs) & (reader[:, :nbk] >= 0)  # (Hkv, nbk)
         self.freed_upto = l1 // bs
         count = need.sum(1)
-        capacity = int(count.max()) + max(2, int(count.max()) // 8)
+        capacity = int(count.max()) + 1  # room for the next block; growth is by an eighth
         rank = need.long().cumsum(1) - 1
         self.slots[:, :nbk] = torch.where(need, rank, -1)
         self.capacity, self.version = capacity, next(_VERSIONS)

@@ -141,7 +141,7 @@ def _attend(st: Stores, mass_log, plan, eps: float, keyok, q_start: int, dims, s
             bias = pad if bias is None else bias + pad
         if bias is not None:
             sc.add_(bias)
-        sc[..., :bs].masked_fill_(b.causal(q_start, s, bs), float("-inf"))
+        sc[..., :bs].add_(b.causal(q_start, s, bs, sc.dtype))
         p = torch.softmax(sc, dim=-1)
         if keyok is not None or b.empty_rows:
             p = p.nan_to_num_(0.0)  # rows with nothing allowed give zeros, as in the reference

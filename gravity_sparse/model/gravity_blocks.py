@@ -128,15 +128,26 @@ class Bucket:
     empty_rows: bool = False  # a head skips its diagonal block: a row may have nothing allowed
     memo: dict = field(default_factory=dict)
 
-    def causal(self, q_start: int, seq_len_q: int, block_size: int) -> torch.Tensor:
-        """(n, 1, R, block) bool: keys of the diagonal block (slot 0) after each row; padding rows none."""
-        key = ("causal", q_start, seq_len_q)
+    def causal(self, q_start: int, seq_len_q: int, block_size: int, dtype) -> torch.Tensor:
+        """(n or 1, 1, R, block): −∞ on the keys of the diagonal block (slot 0) after each row, else 0
+        (padding rows: 0). An additive bias: cheaper on CPU than a broadcast masked_fill."""
+        if seq_len_q == 1:  # decode: one row, all units in one query block; one bias per offset
+            rows = self.memo.get(("decode", dtype))
+            if rows is None:
+                tri = torch.full((block_size, block_size), float("-inf"), dtype=dtype).triu(1)
+                rows = [r.view(1, 1, 1, -1).to(self.rows.device) for r in tri]
+                self.memo[("decode", dtype)] = rows
+            return rows[q_start % block_size]
+        key = ("causal", q_start, seq_len_q, dtype)
         if key not in self.memo:
             in_block = (q_start + self.rows - self.block_start).unsqueeze(-1)
             cols = torch.arange(block_size, device=self.rows.device)
-            tri = (cols > in_block) & (self.rows < seq_len_q).unsqueeze(-1)
+            tri = (cols > in_block) & (self.rows < seq_len_q).unsqueeze(-1)  # (n, R, block)
+            if bool((tri == tri[:1]).all()):  # aligned blocks: one pattern for every unit
+                tri = tri[:1]
+            bias = torch.zeros(tri.shape, dtype=dtype, device=tri.device)
             self.memo = {k: v for k, v in self.memo.items() if k[0] != "causal"}
-            self.memo[key] = tri.unsqueeze(1)
+            self.memo[key] = bias.masked_fill_(tri, float("-inf")).unsqueeze(1)
         return self.memo[key]
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
