@@ -8,9 +8,10 @@ with every causal block kept, so that dense and sparse differ only in what is ke
 
 Math (the reference's, `gravity_attention_reference`): s = M_h² / (‖q − k‖² + ε) with ‖q − k‖² =
 ‖q − c‖² + ‖k − c‖² − 2 (q − c)·(k − c) clamped at 0, softmax over the allowed keys, fp32. The common shift
-c is the mean of the keys a unit reads (exact: distances do not change; a unit reads the same blocks from
-a full cache and from an evicting one, so both give the same numbers). Allowed = causal ∩ kept block ∩
-key not padding; a row with nothing allowed (left padding) gives zeros, as in the reference.
+c is exact (distances do not change): for prefill each KV head's mean key, for decode (at most
+DECODE_ROWS queries) the mean of the blocks a unit reads, so that a decode step reads nothing else and
+gives the same numbers from a full cache and from an evicting one. Allowed = causal ∩ kept block ∩ key not
+padding; a row with nothing allowed (left padding) gives zeros, as in the reference.
 
 `BlockGravityAttention` has a hand-written backward (heal and pretrain train through it on CPU). With
 s = M² r, r = 1/(d² + ε), p = softmax(s), δ_i = do_i · o_i:
@@ -67,12 +68,12 @@ class Stores:
         self.from_view, self.shape = from_view, (k.shape, v.shape)
         kv_groups, hkv = groups
         qf = _float(q)
-        self.shared = shared
-        if from_view:  # stores already; the center is the mean over the store's body
-            self.ks, self.vs = _float(k), _float(v)
-            if shared:
+        self.shared, self.cdt = shared, qf.dtype  # computed in fp32 (fp64 for gradcheck)
+        if from_view:  # stores already (their dtype: blocks are converted once gathered)
+            self.ks, self.vs = k, v
+            if shared:  # the center is the mean over the store's body
                 bsz, nf, _, d = self.ks.shape
-                body = self.ks[:, :-1].reshape(bsz, hkv, -1, d)
+                body = _float(self.ks[:, :-1]).reshape(bsz, hkv, -1, d)
                 center = body.mean(2, keepdim=True)
                 self.kc = F.pad((body - center).view(bsz, nf - 1, bs, d), (0, 0, 0, 0, 0, 1))
         else:
@@ -104,21 +105,22 @@ def _attend(st: Stores, mass_log, plan, eps: float, keyok, q_start: int, dims, s
     bsz, hq, s, d = dims
     s1 = s + 1
     bs = st.vs.shape[2]
-    m2 = F.softplus(_float(mass_log)).square()
-    out = st.vs.new_zeros(bsz, hq * s1, d)
+    cdt = st.cdt
+    m2 = F.softplus(_float(mass_log)).square().to(cdt)
+    out = torch.zeros(bsz, hq * s1, d, dtype=cdt, device=m2.device)
     for b in plan:
         n, g = b.heads.shape
         r, k = b.rows.shape[1], b.slots.shape[1]
         flat = _flat(b, s1)
         slots = b.slots.flatten()
-        vg = st.vs.index_select(1, slots).view(bsz * n, k * bs, d)
+        vg = st.vs.index_select(1, slots).to(cdt).view(bsz * n, k * bs, d)
         if st.shared:
             qc = st.qc.index_select(1, flat).view(bsz * n, g * r, d)
             kc = st.kc.index_select(1, slots).view(bsz * n, k * bs, d)
             kn = st.kn.index_select(1, slots).view(bsz * n, 1, k * bs)
             qn = st.qn.index_select(1, flat).view(bsz * n, g * r, 1)
         else:
-            kg = st.ks.index_select(1, slots).view(bsz, n, k * bs, d)
+            kg = st.ks.index_select(1, slots).to(cdt).view(bsz, n, k * bs, d)
             center = kg.mean(dim=2, keepdim=True)  # (B, n, 1, D)
             qc = st.q.index_select(1, flat).view(bsz, n, g * r, d).sub_(center)
             qc = qc.view(bsz * n, g * r, d)

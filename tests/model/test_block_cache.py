@@ -219,3 +219,13 @@ def test_new_masks_on_a_model_take_effect():
         torch.testing.assert_close(outs["cpu", name], outs["reference", name], rtol=1e-4, atol=1e-4)
     assert (outs["cpu", "first"] - outs["cpu", "second"]).abs().max() > 1e-3
     assert (outs["cpu", "changed"] - outs["cpu", "second"]).abs().max() > 1e-4
+
+
+def test_bf16_generates_the_same_with_and_without_eviction():
+    model, masks = _gqa_sparse()
+    model = prune_model(model, masks).to(torch.bfloat16)
+    x = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(12))
+    cache = GravityBlockCache(config=model.config)
+    got = greedy(model, x, 20, cache)
+    assert cache.layers[0].keys.dtype == torch.bfloat16  # the store keeps the model's dtype
+    assert torch.equal(got, greedy(model, x, 20, DynamicCache(config=model.config)))
