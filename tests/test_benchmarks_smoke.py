@@ -21,6 +21,7 @@ BENCHMARKS = ROOT / "benchmarks"
 SMOKED = {
     "ablate_block_value",
     "bench_attention",
+    "bench_cpu_sparse",
     "bench_measure",
     "bench_solve",
     "collect_gravitize",
@@ -72,6 +73,25 @@ def test_bench_attention_smoke(tmp_path):
     payload = json.loads(out.with_suffix(".json").read_text())
     _provenance_ok(payload["meta"]["provenance"])
     assert payload["rows"]
+
+
+def test_bench_cpu_sparse_smoke(tmp_path):
+    assert _script("bench_cpu_sparse").main(["--smoke", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("*-cpu-sparse-tiny-smoke.json")
+    payload = json.loads(result.read_text())
+    _provenance_ok(payload["provenance"])
+    assert set(payload["results"]) == {"1", "2"}
+    rows = payload["results"]["1"]["rows"]
+    assert {(r["variant"], r["model"]) for r in rows} == {
+        ("export", "dense"), ("export", "sparse"), ("in-pipeline", "dense"),
+        ("in-pipeline", "sparse"), ("checkpoint", "dense"),
+    }  # fmt: skip
+    decode = [r for r in rows if r["phase"] == "decode" and r["model"] == "sparse"]
+    assert decode and all(
+        r["kv_bytes_peak"] > 0 and r["cache"] == "GravityBlockCache" for r in decode
+    )
+    assert payload["results"]["1"]["skipped"][0]["seq_len"] == 300  # past the model's positions
+    assert (tmp_path / result.name.replace(".json", ".md")).read_text().startswith("# CPU")
 
 
 def test_ablate_block_value_smoke(tmp_path):

@@ -54,6 +54,21 @@ def random_masks(L=2, H=4, nb=4, block=16, seed=0, drop=((0, 1), (1, 0), (1, 1),
     return Masks(head_keep, grid & head_keep[..., None, None], block, nb * block)
 
 
+def local_masks(layers, heads, nb, block, window=2, drop=(), seed=0, extra=0.15) -> Masks:
+    """Sink column + a local band of `window` blocks + a few random blocks; `drop`: (layer, head)."""
+    g = torch.Generator().manual_seed(seed)
+    qb, kb = torch.arange(nb).view(-1, 1), torch.arange(nb).view(1, -1)
+    band = ((qb - kb >= 0) & (qb - kb < window)) | (kb == 0)
+    grid = (torch.rand(layers, heads, nb, nb, generator=g) < extra) | band
+    grid &= torch.ones(nb, nb, dtype=torch.bool).tril()
+    head_keep = torch.ones(layers, heads, dtype=torch.bool)
+    for layer, head in drop:
+        head_keep[layer, head] = False
+    masks = Masks(head_keep, grid & head_keep[..., None, None], block, nb * block)
+    masks.check()
+    return masks
+
+
 def attention_inputs(b, hq, hkv, s, d, dtype=torch.float32, seed=0):
     """q, k, v, mass_log for attention kernels, requiring grad; keys off-center (tests centering)."""
     g = torch.Generator().manual_seed(seed)

@@ -11,9 +11,15 @@ A layer may carry a block-sparse pattern (buffers `gravity_head_keep[Hq]`, `grav
 NKB]`, block size `config.gravity_block_size`): query i sees key j only if block (i // B, j // B) is kept; a
 dropped head outputs zero. Pruned models may have per-layer head counts (`num_attention_heads_per_layer`).
 
-Self-contained: copied next to every checkpoint, so a Python with only torch, transformers and safetensors
-runs it (`trust_remote_code=True`); it imports only those and `configuration_gravity`. On CUDA a sparse layer
-takes the kernel gravity_sparse's resolver picks when `gravity_sparse.kernels` is loaded in the process
+Attention runs through the block path (gravity_block_attention.py: only kept blocks are computed, dropped
+heads are skipped; a dense model keeps every causal block); the reference (gravity_reference.py, the
+specification) when attention weights or dropout are asked for. `generate()` on a model with block masks
+uses `GravityBlockCache` (gravity_cache.py), which frees the key blocks no later query reads.
+
+Self-contained: copied next to every checkpoint with its siblings (configuration_gravity.py,
+gravity_reference.py, gravity_blocks.py, gravity_block_attention.py, gravity_cache.py), so a Python with
+only torch, transformers and safetensors runs it (`trust_remote_code=True`). On CUDA a sparse layer takes
+the kernel gravity_sparse's resolver picks when `gravity_sparse.kernels` is loaded in the process
 (`GravityAttention._maybe_use_kernel`); this file never imports gravity_sparse itself.
 """
 
@@ -26,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import DynamicCache
 from transformers import initialization as init
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -40,6 +47,9 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 from .configuration_gravity import GravityConfig
+from .gravity_block_attention import block_attention, block_size_of, layer_tables
+from .gravity_cache import GravityBlockCache
+from .gravity_reference import gravity_attention_reference, gravity_scores
 
 ATTN_IMPLEMENTATION = "gravity"
 # the model's forward takes the KV cache as `cache` from transformers 5.2x on (`past_key_values` before)
@@ -51,97 +61,6 @@ CACHE_ARG = (
 def cache_kwarg(cache) -> dict:
     """`{name: cache}` for a model forward, under the name this transformers version uses."""
     return {CACHE_ARG: cache}
-
-
-def gravity_scores(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    mass_log: torch.Tensor,
-    eps: float,
-    kv_groups: torch.Tensor,
-) -> torch.Tensor:
-    """The score formula, for the reference and measure: raw M² / (‖q_i − k_j‖² + ε), no mask, fp32.
-
-    q (B, Hq, S, D), k (B, Hkv, Sk, D), kv_groups (Hq,); centred by the mean key. -> (B, Hq, S, Sk).
-    """
-    kf = k.float().index_select(1, kv_groups.to(k.device))  # (B, Hq, Sk, D)
-    center = kf.mean(dim=2, keepdim=True)
-    qc, kc = q.float() - center, kf - center
-    d2 = (
-        qc.pow(2).sum(-1, keepdim=True)  # (B, Hq, S, 1)
-        + kc.pow(2).sum(-1).unsqueeze(-2)  # (B, Hq, 1, Sk)
-        - 2.0 * qc @ kc.transpose(-1, -2)  # (B, Hq, S, Sk)
-    ).clamp_min(0.0)
-    mass = F.softplus(mass_log.float()).view(1, -1, 1, 1)
-    return mass.square() / (d2 + eps)
-
-
-def gravity_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mass_log: torch.Tensor,
-    *,
-    eps: float = 0.1,
-    block_mask: torch.Tensor | None = None,
-    head_keep: torch.Tensor | None = None,
-    block_size: int | None = None,
-    attention_mask: torch.Tensor | None = None,
-    kv_groups: torch.Tensor | None = None,
-    return_weights: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dense gravity attention with an optional block mask and head mask: the specification.
-
-    q (B, Hq, S, D); k, v (B, Hkv, Sk, D) with Sk ≥ S: the S queries are the last S positions of the Sk
-    keys (prefill: Sk == S; cached decode: Sk = past + S). mass_log (Hq,). block_mask (Hq, NQB, NKB) bool,
-    indexed by absolute positions (i // block_size, j // block_size); head_keep (Hq,) bool.
-    attention_mask: (B, 1|Hq, S, Sk) bool (True = attend) or additive float, as transformers builds it;
-    without it a plain causal mask applies. kv_groups (Hq,) long: KV head of each query head (default
-    h // (Hq // Hkv)). Computed in fp32; returns out (B, Hq, S, D) in q's dtype and, if asked, the
-    attention probabilities (B, Hq, S, Sk) fp32.
-    """
-    bsz, hq, s, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    if sk < s:
-        raise ValueError(f"gravity attention: {sk} keys for {s} queries")
-    if kv_groups is None:
-        if hkv == 0 or hq % hkv:
-            raise ValueError(
-                f"gravity attention: {hq} query heads do not split into {hkv} KV groups"
-            )
-        kv_groups = torch.arange(hq, device=q.device) // (hq // hkv)
-    kv_groups = kv_groups.to(q.device)
-    vf = v.float().index_select(1, kv_groups)
-    scores = gravity_scores(q, k, mass_log, eps, kv_groups)
-
-    q_pos = torch.arange(sk - s, sk, device=q.device)
-    k_pos = torch.arange(sk, device=q.device)
-    if attention_mask is None:
-        allowed = (k_pos[None, :] <= q_pos[:, None]).view(1, 1, s, sk)
-    elif attention_mask.dtype == torch.bool:
-        allowed = attention_mask[..., -sk:]
-    else:
-        allowed = attention_mask[..., -sk:] > torch.finfo(attention_mask.dtype).min / 2
-    if block_mask is not None:
-        if block_size is None:
-            raise ValueError("gravity attention: a block mask needs its block size")
-        nqb, nkb = block_mask.shape[-2:]
-        if (sk - 1) // block_size >= min(nqb, nkb):
-            raise ValueError(
-                f"sequence of {sk} tokens is longer than the block mask "
-                f"({min(nqb, nkb)} blocks of {block_size} = {min(nqb, nkb) * block_size} tokens)"
-            )
-        qb, kb = q_pos // block_size, k_pos // block_size
-        blocks = block_mask.to(q.device)[:, qb][:, :, kb]  # (Hq, S, Sk)
-        allowed = allowed & blocks.unsqueeze(0)
-    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    probs = (
-        torch.softmax(scores, dim=-1) * allowed
-    )  # a row with nothing allowed yields zeros, not NaN
-    if head_keep is not None:
-        probs = probs * head_keep.to(q.device, torch.float32).view(1, hq, 1, 1)
-    out = (probs @ vf).to(q.dtype)
-    return out, (probs if return_weights else None)
 
 
 def gravity_attention_forward(
@@ -156,14 +75,30 @@ def gravity_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers attention function "gravity": returns (B, S, Hq, D) and the probabilities.
 
-    `scaling` is ignored: the gravity score has no 1/√d. A kernel attached to the module by
-    `gravity_sparse` (attribute `gravity_kernel`) takes over when present and no probabilities are asked.
+    `scaling` is ignored: the gravity score has no 1/√d. Without probabilities or dropout, a kernel
+    attached by `gravity_sparse` (attribute `gravity_kernel`) runs, else the block path
+    (gravity_block_attention.py: only kept blocks, dropped heads skipped); the reference runs when
+    probabilities or dropout are asked for, or for a mask that is not causal ∩ key padding.
+    `gravity_view`: the block store of a `GravityBlockCache`; only the block path reads it, so a call
+    with one always takes the block path.
     """
     kernel = getattr(module, "gravity_kernel", None)
+    view = kwargs.get("gravity_view")
     want_weights = bool(kwargs.get("output_attentions", False))
-    if kernel is not None and not want_weights:
+    plain = not want_weights and not (dropout > 0.0 and module.training)
+    if view is not None and not plain:
+        raise ValueError(
+            "GravityBlockCache frees key blocks: attention weights and dropout need a DynamicCache"
+        )
+    out = None
+    if plain and kernel is not None and view is None:
         out = kernel(module, query, key, value, attention_mask)
+    elif plain:
+        out = block_attention(module, query, key, value, attention_mask, view)
+    if out is not None:
         return out.transpose(1, 2).contiguous(), None
+    if view is not None:
+        raise ValueError("GravityBlockCache needs a causal (or causal and padding) attention mask")
     out, weights = module.reference_attention(
         query, key, value, attention_mask, return_weights=True
     )
@@ -171,6 +106,10 @@ def gravity_attention_forward(
         weights = F.dropout(weights, p=dropout, training=module.training)
         out = (weights @ value.float().index_select(1, module.gravity_kv_groups)).to(query.dtype)
     return out.transpose(1, 2).contiguous(), weights
+
+
+class _OwnBlockPath:  # stands for "no kernel attached": the layer's own block path
+    block_path = True
 
 
 def gravity_mask(*args, **kwargs) -> torch.Tensor:
@@ -290,7 +229,15 @@ class GravityAttention(nn.Module):
         value_states = self.v_proj(hidden_states).view(kv_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if cache is not None:
+        view = None
+        if isinstance(cache, GravityBlockCache):  # stores only blocks some later query reads
+            layer = cache.layer(self.layer_idx)
+            if self.num_heads == 0:
+                layer.skip(input_shape[-1])
+                return torch.zeros_like(hidden_states), None
+            tables = layer_tables(self, block_size_of(self), layer.length + input_shape[-1])
+            view = layer.update_blocks(key_states, value_states, tables)
+        elif cache is not None:
             # also for an empty layer, so the cache keeps counting this layer's length
             kv = cache.update(key_states, value_states, self.layer_idx)
             key_states, value_states = kv
@@ -309,6 +256,7 @@ class GravityAttention(nn.Module):
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
+            **({"gravity_view": view} if view is not None else {}),
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
@@ -387,12 +335,37 @@ class GravityForCausalLM(GravityPreTrainedModel, Qwen2ForCausalLM):
     def gravity_layers(self) -> list[GravityAttention]:
         return [layer.self_attn for layer in self.model.layers]
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate(): a model with block masks gets a `GravityBlockCache` (it frees the key blocks no
+        later query reads) instead of the default DynamicCache; a cache passed in is used as given."""
+        out = super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, *args, **kwargs
+        )
+        cache = model_kwargs.get(CACHE_ARG)
+        layers = self.gravity_layers()
+        for attn in layers:  # on CUDA, a kernel gravity_sparse picks keeps the DynamicCache
+            if attn.gravity_block_mask is not None and attn.gravity_block_mask.is_cuda:
+                attn._maybe_use_kernel(attn.gravity_block_mask.device)
+        if (
+            type(cache) is DynamicCache
+            and not getattr(cache, "_is_user_defined", False)
+            and generation_config.cache_implementation is None
+            and any(a.gravity_block_mask is not None for a in layers)
+            and all(
+                getattr(a.__dict__.get("gravity_kernel", _OwnBlockPath), "block_path", False)
+                for a in layers
+            )
+        ):
+            model_kwargs[CACHE_ARG] = GravityBlockCache(config=self.config)
+        return out
+
 
 __all__ = [
     "GravityAttention",
     "GravityForCausalLM",
     "GravityModel",
     "GravityPreTrainedModel",
+    "GravityBlockCache",
     "gravity_attention_forward",
     "gravity_attention_reference",
     "gravity_scores",

@@ -6,8 +6,8 @@ causal, the S queries at the last S of Sk positions, s_ij = M_h² / (‖q_i − 
 M_h = softplus(mass_log_h), restricted to the kept blocks of `block_mask` (Hq, NQB, NKB) (block i // B,
 j // B) and to the kept heads of `head_keep` (Hq,) (a dropped head outputs zero).
 
-Backends (`Backend`): "reference" (dense PyTorch, the spec, everywhere), "cpu" (chunked causal kernel with
-a hand-written backward), "triton" (block-sparse Triton kernels: prefill forward/backward, decode for a few
+Backends (`Backend`): "reference" (dense PyTorch, the spec, everywhere), "cpu" (the model's block path:
+only kept blocks, dropped heads skipped, prefill and decode, a hand-written backward), "triton" (block-sparse Triton kernels: prefill forward/backward, decode for a few
 queries without gradients), "flex" (torch FlexAttention), and "auto": triton on CUDA, the CPU kernel on CPU.
 `resolve_backend` is the one place that decides; `attach_kernel(model, backend)` routes a
 GravityForCausalLM through it (apply, heal, bench, export, sweep and pretrain all call it).

@@ -17,7 +17,7 @@ class Backend(StrEnum):
 
     AUTO = "auto"  # TRITON on CUDA, CPU on CPU
     REFERENCE = "reference"  # dense PyTorch with the masks applied: the specification
-    CPU = "cpu"  # chunked causal kernel with a hand-written backward (kernels/causal_cpu.py)
+    CPU = "cpu"  # the block path: only kept blocks, hand-written backward (kernels/causal_cpu.py)
     TRITON = "triton"  # block-sparse Triton kernels (prefill forward/backward, decode)
     FLEX = "flex"  # torch FlexAttention with a gravity score_mod
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from .api import Backend, gravity_attention, resolve_backend
 from .block_index import BlockIndex, build_block_index
-from .causal_cpu import cpu_gravity_kernel
+from .causal_cpu import cpu_gravity_kernel, reference_gravity_kernel
 from .reference import is_plain_causal
 
 DENSE_TILE = 64  # tile size for a model without block masks (every causal block kept)
@@ -97,10 +97,10 @@ def _attention_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def kernel_for(backend: str | Backend, device: torch.device | str):
-    """The `gravity_kernel` hook that runs `backend` on `device` (None: the model's own reference)."""
+    """The `gravity_kernel` hook that runs `backend` on `device`."""
     chosen = resolve_backend(backend, device)
     if chosen is Backend.REFERENCE:
-        return None
+        return reference_gravity_kernel
     if chosen is Backend.CPU:
         return cpu_gravity_kernel
     return GravityKernel(chosen.value)
@@ -118,16 +118,13 @@ def attach_kernel(model: nn.Module, backend: str | Backend = "auto") -> Backend:
     if not layers:
         raise ValueError("attach_kernel: the model has no gravity attention layers")
     for attn in layers:
-        kernel = kernel_for(chosen, device)
-        if kernel is None:
-            attn.__dict__.pop("gravity_kernel", None)
-        else:
-            attn.gravity_kernel = kernel
+        attn.gravity_kernel = kernel_for(chosen, device)
     return chosen
 
 
 def detach_kernel(model: nn.Module) -> nn.Module:
-    """Undo `attach_kernel`: the layers go back to the reference attention; returns the model."""
+    """Undo `attach_kernel`: the layers go back to the model's own path (the block path; the reference
+    for attention weights); returns the model."""
     for attn in _attention_layers(model):
         attn.__dict__.pop("gravity_kernel", None)
     return model

@@ -6,9 +6,9 @@ Two layouts are accepted (DESIGN §2):
   tokenizer files) plus the learned masses, either as `gravity_mass_log.pt` — a float tensor
   [num_layers, num_heads] or a dict {"<prefix>layers.{i}.self_attn.gravity_mass_log": tensor[num_heads]} —
   or already inside the safetensors under those parameter names (any prefix).
-- **Our format**: config.json with model_type "gravity" and `auto_map`, the weights, and
-  configuration_gravity.py / modeling_gravity.py beside them, so plain transformers loads it with
-  `trust_remote_code=True`. `save_model` writes it.
+- **Our format**: config.json with model_type "gravity" and `auto_map`, the weights, and the modeling
+  files (`SOURCE_FILES`: configuration_gravity.py, modeling_gravity.py and the files it imports) beside
+  them, so plain transformers loads it with `trust_remote_code=True`. `save_model` writes it.
 
 Nothing is ever fetched from a hub: a path that does not exist is an error at once.
 """
@@ -34,8 +34,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO_ROOT / "checkpoints" / "gravity-tiny"
 MASS_FILE = "gravity_mass_log.pt"
 _MASS_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.gravity_mass_log$")
-_SOURCE_FILES = ("configuration_gravity.py", "modeling_gravity.py")
 BASE_KEY = "gravity_base"  # config key of a model shipped as a delta (gravitize/delta.py)
+# the modeling files copied next to every checkpoint (modeling_gravity imports the others relatively)
+SOURCE_FILES = (
+    "configuration_gravity.py",
+    "modeling_gravity.py",
+    "gravity_reference.py",
+    "gravity_blocks.py",
+    "gravity_block_attention.py",
+    "gravity_cache.py",
+)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 AutoConfig.register("gravity", GravityConfig, exist_ok=True)
@@ -259,7 +267,7 @@ def save_model(
         }
         model.config.architectures = ["GravityForCausalLM"]
         model.save_pretrained(tmp)
-        for name in _SOURCE_FILES:
+        for name in SOURCE_FILES:
             shutil.copyfile(Path(__file__).with_name(name), tmp / name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -169,7 +169,7 @@ def attach_masks(model: torch.nn.Module, masks: Masks, *, kernel: str = "auto") 
     """Make the model's attention sparse: per-layer head and block masks, run by `kernel`.
 
     kernel: a backend name for `gravity_sparse.kernels.resolve_backend` (auto: Triton on CUDA, the
-    chunked CPU kernel with its hand-written backward on CPU; cpu; reference; triton; flex).
+    block path with its hand-written backward on CPU; cpu; reference; triton; flex).
     """
     check_masks_match(model, masks)
     model.config.gravity_block_size = masks.block_size

@@ -5,8 +5,14 @@ import torch
 from tiny_models import random_masks, tiny_model
 
 from gravity_sparse.errors import UserError
-from gravity_sparse.kernels import Backend, attach_kernel, gravity_attention, resolve_backend
-from gravity_sparse.kernels.causal_cpu import cpu_gravity_kernel
+from gravity_sparse.kernels import (
+    Backend,
+    attach_kernel,
+    detach_kernel,
+    gravity_attention,
+    resolve_backend,
+)
+from gravity_sparse.kernels.causal_cpu import cpu_gravity_kernel, reference_gravity_kernel
 from gravity_sparse.model.masks import Masks, attach_masks, dense_masks
 
 
@@ -28,7 +34,7 @@ def test_attach_masks_uses_the_resolver():
     model = attach_masks(tiny_model(), random_masks())  # auto on CPU
     assert all(a.gravity_kernel is cpu_gravity_kernel for a in model.gravity_layers())
     attach_masks(model, random_masks(), kernel="reference")
-    assert not any("gravity_kernel" in a.__dict__ for a in model.gravity_layers())
+    assert all(a.gravity_kernel is reference_gravity_kernel for a in model.gravity_layers())
     assert attach_kernel(model, "auto") is Backend.CPU
 
 
@@ -69,7 +75,8 @@ def test_a_sparse_model_on_cuda_asks_the_resolver_only_when_gravity_sparse_is_lo
 
     from gravity_sparse.kernels import GravityKernel
 
-    attn = attach_masks(tiny_model(), random_masks(), kernel="reference").gravity_layers()[0]
+    model = attach_masks(tiny_model(), random_masks(), kernel="reference")
+    attn = detach_kernel(model).gravity_layers()[0]  # as loaded: no kernel attached
     monkeypatch.delitem(sys.modules, "gravity_sparse.kernels")  # as in a plain-transformers process
     attn._maybe_use_kernel(torch.device("cuda"))
     assert "gravity_kernel" not in attn.__dict__

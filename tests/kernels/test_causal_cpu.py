@@ -1,4 +1,5 @@
-"""The chunked CPU kernel with a block mask and a head mask (the heal path on CPU) against the reference."""
+"""The CPU backend (the block path, with its hand-written backward: the heal path on CPU) with a block mask
+and a head mask against the reference, attached to a model."""
 
 import copy
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from tiny_models import assert_same_output_and_grads, attention_inputs, random_masks, tiny_model
 
-from gravity_sparse.kernels.causal_cpu import CausalGravityAttention, cpu_gravity_kernel
+from gravity_sparse.kernels.causal_cpu import cpu_attention, cpu_gravity_kernel
+from gravity_sparse.model.gravity_block_attention import BlockGravityAttention
 from gravity_sparse.model.masks import Masks, attach_masks
 from gravity_sparse.model.modeling_gravity import gravity_attention_reference
 
@@ -16,8 +18,8 @@ def _block_mask(hq, nb, seed):
     return (torch.rand(hq, nb, nb, generator=g) < 0.4).tril() | torch.eye(nb, dtype=torch.bool)
 
 
-@pytest.mark.parametrize("s,block,chunk", [(37, 8, 16), (64, 16, 64), (40, 16, 24)])
-def test_block_masked_kernel_matches_reference(s, block, chunk):
+@pytest.mark.parametrize("s,block", [(37, 8), (64, 16), (40, 16)])
+def test_block_masked_kernel_matches_reference(s, block):
     hq, kv_groups = 4, torch.tensor([0, 0, 1, 1])
     q, k, v, mass_log = attention_inputs(2, hq, 2, s, 8, seed=s)
     nb = -(-s // block)
@@ -28,19 +30,16 @@ def test_block_masked_kernel_matches_reference(s, block, chunk):
     )
     dense, _ = gravity_attention_reference(q, k, v, mass_log, eps=0.1, kv_groups=kv_groups)
     assert (ref - dense).abs().max() > 1e-3, "the block mask must change the output"
-    pos = torch.arange(s) // block
-    blocked = ~bm[:, pos][:, :, pos]
-    out = CausalGravityAttention.apply(q, k, v, mass_log, kv_groups, 0.1, chunk, blocked)
+    out = cpu_attention(q, k, v, mass_log, kv_groups=kv_groups, block_mask=bm, block_size=block)
     assert_same_output_and_grads(out, ref, (q, k, v, mass_log))
 
 
 def test_block_masked_kernel_gradcheck():
     q, k, v, mass_log = attention_inputs(1, 4, 2, 12, 3, dtype=torch.float64)
     kv_groups = torch.tensor([0, 1, 1, 0])
-    pos = torch.arange(12) // 4
-    blocked = ~_block_mask(4, 3, seed=1)[:, pos][:, :, pos]
+    bm = _block_mask(4, 3, seed=1)
     assert torch.autograd.gradcheck(
-        lambda *x: CausalGravityAttention.apply(*x, kv_groups, 0.1, 5, blocked),
+        lambda *x: cpu_attention(*x, kv_groups=kv_groups, block_mask=bm, block_size=4),
         (q, k, v, mass_log),
     )
 
@@ -55,15 +54,15 @@ def _pair(masks):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the calls of the CPU kernel's autograd function (a fallback does not call it)."""
+    """Counts the calls of the block path's autograd function (training: a fallback does not call it)."""
     calls = []
-    apply = CausalGravityAttention.apply
+    apply = BlockGravityAttention.apply
 
     def counted(*args):
         calls.append(args[0].shape)
         return apply(*args)
 
-    monkeypatch.setattr(CausalGravityAttention, "apply", counted)
+    monkeypatch.setattr(BlockGravityAttention, "apply", counted)
     return calls
 
 
@@ -81,8 +80,8 @@ def test_model_with_masks_same_loss_and_gradients_as_reference(kernel_calls):
         grads.append(
             [torch.zeros_like(p) if g is None else g for p, g in zip(params, got, strict=True)]
         )
-    # the kernel really ran (no fallback), on layer 0's three kept heads only
-    assert kernel_calls == [torch.Size([2, 3, 57, 16])]
+    # the kernel really ran (no fallback) on layer 0; layer 1 has no kept head and computes nothing
+    assert kernel_calls == [torch.Size([2, 4, 57, 16])]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for g_fast, g_ref in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-3, atol=1e-5)
@@ -95,7 +94,7 @@ def test_model_with_masks_same_loss_and_gradients_as_reference(kernel_calls):
     assert q_grad["model.layers.1.self_attn.q_proj.weight"].abs().max() == 0
 
 
-def test_padding_and_dropped_diagonals_fall_back_to_the_reference(kernel_calls):
+def test_padding_and_dropped_diagonals_are_exact(kernel_calls):
     masks = random_masks(nb=4, block=16)
     ref, fast = _pair(masks)
     x = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -104,8 +103,7 @@ def test_padding_and_dropped_diagonals_fall_back_to_the_reference(kernel_calls):
     with torch.no_grad():
         got = fast(input_ids=x, attention_mask=att).logits
         want = ref(input_ids=x, attention_mask=att).logits
-    torch.testing.assert_close(got[1:], want[1:])
-    torch.testing.assert_close(got[0, 7:], want[0, 7:])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     no_diag = Masks(masks.head_keep, masks.block_mask.clone(), masks.block_size, masks.max_length)
     no_diag.block_mask[0, 0, 2, 2] = False  # rows 32-47 of layer 0 head 0 see nothing
     ref2 = attach_masks(copy.deepcopy(ref), no_diag, kernel="reference")
@@ -113,8 +111,18 @@ def test_padding_and_dropped_diagonals_fall_back_to_the_reference(kernel_calls):
     with torch.no_grad():
         out_ref, out_fast = ref2(input_ids=x).logits, fast2(input_ids=x).logits
     assert torch.isfinite(out_fast).all()
-    torch.testing.assert_close(out_fast, out_ref)
-    assert kernel_calls == []  # every call above fell back (layer 1 has no kept head at all)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_mask_that_is_not_causal_goes_to_the_reference():
+    masks = random_masks(nb=4, block=16)
+    ref, fast = _pair(masks)
+    q, k, v, _ = (t.detach() for t in attention_inputs(1, 4, 2, 20, 16))
+    bidirectional = torch.ones(1, 1, 20, 20, dtype=torch.bool)
+    attn = fast.gravity_layers()[0]
+    got = cpu_gravity_kernel(attn, q, k, v, bidirectional)
+    want = attn.reference_attention(q, k, v, bidirectional)[0]
+    assert torch.equal(got, want)
 
 
 def test_sequence_longer_than_the_mask_is_a_readable_error():

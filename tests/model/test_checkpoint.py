@@ -89,9 +89,9 @@ def test_plain_transformers_loads_it_with_trust_remote_code(loaded, tmp_path):
 
 def test_checkpoint_ships_the_current_modeling_files():
     """trust_remote_code runs the files inside the checkpoint: they must be the package's own."""
-    from gravity_sparse.model.io import DEFAULT_MODEL
+    from gravity_sparse.model.io import DEFAULT_MODEL, SOURCE_FILES
 
     package = Path(__file__).resolve().parents[2] / "gravity_sparse" / "model"
-    for name in ("modeling_gravity.py", "configuration_gravity.py"):
+    for name in SOURCE_FILES:
         shipped = (DEFAULT_MODEL / name).read_text()
         assert shipped == (package / name).read_text(), f"{name} differs: re-save the checkpoint"

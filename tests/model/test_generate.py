@@ -126,7 +126,9 @@ PLAIN = textwrap.dedent("""
     kw = dict(max_new_tokens=int(sys.argv[3]), do_sample=False, pad_token_id=258)
     name = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
     with torch.no_grad():
-        cached = m.generate(x, use_cache=True, **kw)
+        out = m.generate(x, use_cache=True, return_dict_in_generate=True, **kw)
+        cached = out.sequences
+        cache_type = type(out.get("cache", out.get("past_key_values"))).__name__
         uncached = m.generate(x, use_cache=False, **kw)
         full = m(cached).logits
         cache = DynamicCache(config=m.config)
@@ -135,7 +137,8 @@ PLAIN = textwrap.dedent("""
                            for i in range(12, cached.shape[1])], dim=1)
     print(json.dumps({"cached": cached.tolist(), "uncached": uncached.tolist(),
                       "step_diff": (steps - full[:, 12:]).abs().max().item(),
-                      "heads": [a.self_attn.num_heads for a in m.model.layers]}))
+                      "heads": [a.self_attn.num_heads for a in m.model.layers],
+                      "cache": cache_type}))
 """)
 
 
@@ -165,5 +168,6 @@ def test_export_reloaded_in_plain_transformers_generates_the_same_with_and_witho
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["heads"] == [8, 6]
+    assert res["cache"] == "GravityBlockCache"  # the export frees the blocks no query reads
     assert res["cached"] == res["uncached"] == in_process.tolist()
     assert res["step_diff"] < 1e-4

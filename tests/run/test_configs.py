@@ -45,8 +45,9 @@ NON_DEFAULT = {
         dir="out/x", parity_len=64, parity_batch=1, parity_tolerance=1e-3, check_plain=False
     ),
     BenchConfig: dict(
-        prefill_lengths=[64], batch_size=2, decode_context=16, decode_tokens=4, repeats=1,
-        warmup=0, kernel="reference", extend="diagonal", synthetic="gravity2", synthetic_layers=2,
+        prefill_lengths=[64], batch_size=2, decode_context=[16, 32], decode_tokens=4, repeats=1,
+        warmup=0, kernel="reference", extend="diagonal", synthetic="smol", synthetic_layers=2,
+        variants=["export"],
     ),
     SweepConfig: dict(
         densities=[0.3], head_drops=[0.5], methods=["qubo", "uniform"], heal=False,

@@ -121,8 +121,9 @@ config in `training/config.json`, every number below in `training/card.json`.)
 - Training: AdamW (β = 0.9, {cfg.beta2}), peak lr {cfg.lr:g} ({cfg.warmup_steps} warmup steps, cosine
   to {cfg.min_lr_ratio:g}×), masses lr {cfg.mass_lr:g} without weight decay, weight decay
   {cfg.weight_decay:g}, {cfg.batch_size} random windows of {cfg.seq_len} bytes per step, seed {cfg.seed}.
-  The training forward/backward uses an exact causal gravity kernel with a hand-written backward
-  (`gravity_sparse.kernels.causal_cpu.CausalGravityAttention`); evaluation uses the reference attention.
+  The training forward/backward uses the "cpu" attention backend, exact with a hand-written backward
+  (`gravity_sparse.model.gravity_block_attention.BlockGravityAttention`; models trained before issue 16
+  used its predecessor, a chunked causal kernel); evaluation uses the reference attention.
 - Masses start at `mass_log = {cfg.mass_init:g}` (M ≈ {math.log1p(math.exp(cfg.mass_init)):.2f}). With
   the Qwen2 default of M ≈ 1 the attention stayed uniform (q and k drifted apart until the score's
   gradient vanished) and the loss sat at the bigram plateau, 2.41 nats/byte held-out after 300 steps.

@@ -191,7 +191,9 @@ def run_pretrain(cfg: PretrainConfig, out_dir: Path, stop_at: int | None = None)
     model = GravityForCausalLM(model_config(cfg))
     optimizer = make_optimizer(model, cfg)
     start = _resume(out_dir, cfg, model, optimizer)
-    attach_kernel(model, "cpu")  # the chunked causal kernel with its hand-written backward
+    attach_kernel(
+        model, "cpu"
+    )  # the block path (every causal block kept) with its hand-written backward
     log_path = out_dir / "loss.jsonl"
     _truncate_log(log_path, start)
 

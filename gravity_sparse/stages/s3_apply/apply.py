@@ -3,7 +3,7 @@
 Reads `NN_solve/masks.safetensors` (the QUBO's masks) and every `masks_<baseline>.safetensors` beside it, and
 evaluates each on the held-out text at the same sequence length: loss in nats/token and perplexity. The
 sparse attention runs in the backend `apply.kernel` names, resolved by `kernels.resolve_backend` (auto:
-the chunked CPU kernel on CPU, Triton on CUDA); the file names do not matter, the stored method does.
+the block path on CPU, Triton on CUDA); the file names do not matter, the stored method does.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ def sparse_loss(
 
     `data_parallel`: every rank of a launcher calls this at once and scores its share of the windows.
 
-    Dense and sparse run on the same backend (`apply.kernel`, resolved once): on CPU the chunked CPU
-    kernel, so neither materialises (B, H, S, S) probabilities, and the logits are never all alive at
-    once (`data.eval_loss`).
+    Dense and sparse run on the same backend (`apply.kernel`, resolved once): on CPU the block path,
+    so neither materialises (B, H, S, S) probabilities, and the logits are never all alive at once
+    (`data.eval_loss`).
     """
     if masks is not None:
         if cfg.seq_len > masks.max_length:

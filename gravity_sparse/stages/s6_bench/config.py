@@ -14,9 +14,13 @@ class BenchConfig:
         default_factory=lambda: [128, 256, 512], metadata={"help": "prefill lengths (tokens)"}
     )
     batch_size: int = field(default=1, metadata={"help": "sequences per forward"})
-    decode_context: int = field(default=256, metadata={"help": "prefilled tokens before decoding"})
+    decode_context: int | list[int] = field(
+        default=256, metadata={"help": "prefilled tokens before decoding (one length or a list)"}
+    )
     decode_tokens: int = field(default=32, metadata={"help": "tokens decoded one by one (timed)"})
-    repeats: int = field(default=3, metadata={"help": "timed runs per measurement (median)"})
+    repeats: int = field(
+        default=3, metadata={"help": "timed runs per measurement (median, with min and max)"}
+    )
     warmup: int = field(default=1, metadata={"help": "untimed runs first"})
     kernel: str = field(
         default="auto",
@@ -29,16 +33,48 @@ class BenchConfig:
     )
     synthetic: str | None = field(
         default=None,
-        metadata={"help": "gravity2: random weights in Gravity-2's shape instead of model.path"},
+        metadata={
+            "help": "gravity2 | smol: random weights in Gravity-2's / gravity-smol's shape instead "
+            "of model.path"
+        },
     )
     synthetic_layers: int | None = field(
-        default=None, metadata={"help": "layers of the synthetic model (default: Gravity-2's 36)"}
+        default=None,
+        metadata={"help": "layers of the synthetic model (default: the shape's, 36 or 30)"},
     )
+
+    variants: list[str] = field(
+        default_factory=lambda: ["export", "in-pipeline", "checkpoint"],
+        metadata={
+            "help": "what to time: export (pruned, as exported) | in-pipeline (masks attached) | "
+            "checkpoint (the model as loaded, dense)"
+        },
+    )
+
+    def decode_contexts(self) -> list[int]:
+        return (
+            [self.decode_context] if isinstance(self.decode_context, int) else self.decode_context
+        )
 
     def __post_init__(self) -> None:
         if not self.prefill_lengths or min(self.prefill_lengths) < 1:
             raise UserError("bench.prefill_lengths must be a non-empty list of positive lengths")
-        for name in ("batch_size", "decode_context", "decode_tokens", "repeats"):
+        contexts = self.decode_context
+        if isinstance(contexts, bool) or not (
+            isinstance(contexts, int)
+            or (isinstance(contexts, list) and contexts and all(type(c) is int for c in contexts))
+        ):
+            raise UserError(
+                f"bench.decode_context must be a length or a list of them, not {contexts!r}"
+            )
+        if min(self.decode_contexts()) < 1:
+            raise UserError("bench.decode_context must be at least 1")
+        unknown = set(self.variants) - {"export", "in-pipeline", "checkpoint"}
+        if unknown or not self.variants:
+            raise UserError(
+                f"bench.variants must be some of export, in-pipeline, checkpoint, not {self.variants}"
+            )
+        for name in ("batch_size", "decode_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise UserError(f"bench.{name} must be at least 1")
         if self.warmup < 0:
@@ -46,5 +82,7 @@ class BenchConfig:
         if self.extend not in ("none", "diagonal"):
             raise UserError(f"bench.extend must be none or diagonal, not {self.extend!r}")
         check_backend("bench.kernel", self.kernel)
-        if self.synthetic not in (None, "gravity2"):
-            raise UserError(f"bench.synthetic must be null or gravity2, not {self.synthetic!r}")
+        if self.synthetic not in (None, "gravity2", "smol"):
+            raise UserError(
+                f"bench.synthetic must be null, gravity2 or smol, not {self.synthetic!r}"
+            )
