@@ -38,7 +38,14 @@ class GravitizeConfig:
         metadata={"help": "end-to-end LoRA distillation steps after the transfer (0: none)"},
     )
     distill_text: str = field(
-        default="train", metadata={"help": "corpus split or file to distil on"}
+        default="teacher,train",
+        metadata={
+            "help": "comma-separated texts to distil on: corpus splits, files, or teacher "
+            "(conversations the original model samples)"
+        },
+    )
+    distill_teacher_tokens: int = field(
+        default=65536, metadata={"help": "tokens of teacher text to sample for distillation"}
     )
     distill_seq_len: int = 256
     distill_batch_size: int = 4

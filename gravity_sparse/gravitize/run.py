@@ -7,7 +7,8 @@ in our format out — the Gravity-2 recipe (see `shared/seeds/gravity-2-model-ca
    output on calibration text, from the original model's hidden states (`transfer.py`).
 
 Resumable: each fitted layer is saved under `OUT.partial/layers/` as soon as it is done, and a rerun picks
-up after the last finished layer. The output directory appears only when everything is written (a
+up after the last finished layer; the distillation checkpoints under `OUT.partial/distill/` and a rerun
+resumes it from its last checkpoint. The output directory appears only when everything is written (a
 temporary folder renamed at the end), with `meta.json` (config, versions, wall time) and `gravitize.json`
 (per-layer errors, masses, held-out losses of the original and the gravity model on the same tokens).
 """
@@ -251,7 +252,6 @@ def _ship_delta(model, source, tok, cfg: GravitizeConfig, tmp: Path) -> dict[str
 
 def _distill(model, source, tok, cfg: GravitizeConfig, work: Path):
     """Distil once: the result is kept in `work/distilled` so that a rerun skips straight to the end."""
-    from ..model.data import encode_text, resolve_text
     from ..model.io import load_model, save_model
     from .distill import distill_model
 
@@ -259,27 +259,70 @@ def _distill(model, source, tok, cfg: GravitizeConfig, work: Path):
     if (done / "distill.json").is_file():
         return load_model(done)[0], json.loads((done / "distill.json").read_text())
 
-    ids = encode_text(tok, resolve_text(cfg.distill_text))
-    cut = int(ids.numel() * 0.9)
-    val_end = cut + DISTILL_VAL_WINDOWS * cfg.distill_seq_len + 1  # the last 10%, at most this much
+    scratch = work / "distill"
+    settings = {k: v for k, v in asdict(cfg).items() if k.startswith("distill_")}
+    saved = scratch / "settings.json"
+    if saved.is_file() and json.loads(saved.read_text()) != settings:
+        raise UserError(
+            f"{scratch} holds a distillation with other settings: remove it or use the same ones"
+        )
+    scratch.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(settings, indent=2) + "\n")
+    train_ids, val_ids = _distill_data(source, tok, cfg, scratch)
     merged, record = distill_model(
         model,
         source,
-        ids[:cut],
-        ids[cut:val_end],
+        train_ids,
+        val_ids,
         seq_len=cfg.distill_seq_len,
         steps=cfg.distill_steps,
         batch_size=cfg.distill_batch_size,
         lr=cfg.distill_lr,
         lora_r=cfg.distill_lora_r,
         distill=cfg.distill_weight,
-        scratch=work / "distill",
+        scratch=scratch,
         seed=cfg.seed,
     )
     with atomic_path(done) as tmp:
         save_model(merged, tok, tmp, overwrite=True)
         (tmp / "distill.json").write_text(json.dumps(record, indent=2) + "\n")
     return merged, record
+
+
+def _distill_data(
+    source, tok, cfg: GravitizeConfig, scratch: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) token streams: each text of `distill_text` gives its first 90% to training and
+    up to its share of DISTILL_VAL_WINDOWS windows from the last 10% to validation. "teacher" is text the
+    original model samples (`teacher_text`, cached in `scratch` so that a rerun does not sample again)."""
+    from ..model.data import encode_text, resolve_text
+    from .distill import teacher_text
+
+    names = [n.strip() for n in cfg.distill_text.split(",") if n.strip()]
+    if not names:
+        raise UserError("distill_text names no text")
+    seq = cfg.distill_seq_len
+    windows = max(1, DISTILL_VAL_WINDOWS // len(names))
+    train, val = [], []
+    for name in names:
+        if name == "teacher":
+            cached = scratch / "teacher_text.pt"
+            if cached.is_file():
+                ids = torch.load(cached)
+            else:
+                ids = teacher_text(source, tok, cfg.distill_teacher_tokens, seed=cfg.seed)
+                torch.save(ids, cached.with_suffix(".tmp"))
+                cached.with_suffix(".tmp").replace(cached)
+        else:
+            ids = encode_text(tok, resolve_text(name))
+        cut = int(ids.numel() * 0.9) // seq * seq  # whole windows, so texts do not share one
+        k = min(windows, (ids.numel() - cut - 1) // seq)
+        if cut < seq or k < 1:
+            raise UserError(f"distill_text {name!r} is too short for windows of {seq} tokens")
+        train.append(ids[:cut])
+        val.append(ids[cut : cut + k * seq])
+    val.append(ids[cut + k * seq : cut + k * seq + 1])  # the last window's last target
+    return torch.cat(train), torch.cat(val)
 
 
 def _versions() -> dict[str, str]:
