@@ -209,7 +209,8 @@ def teacher_text(
             if tokenizer.bos_token_id is not None
             else tokenizer("\n")["input_ids"]
         )
-    sample = dict(do_sample=True, temperature=1.0, top_p=0.95, pad_token_id=pad)
+    # stop on the tokenizer's end of turn, the token the stream is cut at
+    sample = dict(do_sample=True, temperature=1.0, top_p=0.95, pad_token_id=pad, eos_token_id=eos)
     stream: list[torch.Tensor] = []
     total = 0
     bar = tqdm(total=tokens, desc="teacher text", disable=not progress, unit="tok")

@@ -52,6 +52,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise UserError(f"config key {where} must be an integer, got {value!r}")
         return value
     if inner is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key {where} must be a number, got {value!r}")
         return float(value)

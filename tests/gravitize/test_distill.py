@@ -9,8 +9,14 @@ from test_gravitize import tiny_llama
 
 from gravity_sparse.gravitize import distill as distill_mod
 from gravity_sparse.gravitize.convert import gravity_from_pretrained
-from gravity_sparse.gravitize.distill import EXTRAS, distill_model, latest_checkpoint
+from gravity_sparse.gravitize.distill import (
+    EXTRAS,
+    distill_model,
+    latest_checkpoint,
+    teacher_text,
+)
 from gravity_sparse.model.data import resolve_text
+from gravity_sparse.model.tokenizer import build_tokenizer
 
 
 class Killed(Exception):
@@ -79,3 +85,27 @@ def test_a_checkpoint_without_its_extras_is_not_resumed(tmp_path):
             (ckpt / EXTRAS).write_bytes(b"")
     assert latest_checkpoint(tmp_path).name == "checkpoint-4"
     assert latest_checkpoint(tmp_path / "empty") is None
+
+
+CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|eos|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_teacher_text_is_sampled_conversations(start):
+    teacher, _, _ = start
+    tok = build_tokenizer()
+    tok.chat_template = CHAT
+    kw = dict(seed=3, batch_size=4, question_tokens=12, answer_tokens=20, progress=False)
+    ids = teacher_text(teacher, tok, 300, **kw)
+    assert ids.numel() >= 300 and torch.equal(ids, teacher_text(teacher, tok, 300, **kw))
+    assert tok.padding_side == "right"  # restored after the left-padded answer batches
+    text = tok.decode(ids)
+    # every conversation opens a user turn, and the teacher answers after the generation prompt
+    assert text.startswith("<|im_start|>user\n")
+    opened, answered = text.count("<|im_start|>user\n"), text.count("<|im_start|>assistant\n")
+    assert opened >= 4 and answered == opened
+    assert "<|pad|><|im_start|>" not in text  # no left padding leaks into the stream
+    # another seed samples other text
+    assert not torch.equal(ids[:300], teacher_text(teacher, tok, 300, **(kw | {"seed": 4}))[:300])

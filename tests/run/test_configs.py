@@ -6,6 +6,7 @@ import json
 import pytest
 import yaml
 
+from gravity_sparse.errors import UserError
 from gravity_sparse.experiments.pretrain.config import PretrainConfig
 from gravity_sparse.experiments.sweep.config import SweepConfig
 from gravity_sparse.run.config import build_config, config_to_dict, load_config
@@ -96,3 +97,11 @@ def test_pipeline_config_round_trips_with_every_section_non_default(tmp_path):
         f.name for f in dataclasses.fields(PipelineConfig)
     }
     assert build_config(PipelineConfig, json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+
+
+def test_a_float_written_without_a_dot_is_a_number():
+    # YAML 1.1 (PyYAML) reads `lr: 1e-3` and the CLI's `lr=1e-3` as the string "1e-3"
+    cfg = build_config(HealConfig, yaml.safe_load("lr: 1e-3"))
+    assert cfg.lr == 0.001
+    with pytest.raises(UserError, match="lr must be a number, got 'fast'"):
+        build_config(HealConfig, {"lr": "fast"})
