@@ -60,6 +60,13 @@ class GravitizeConfig:
             "help": "full: every weight; delta: only the difference to the source (e.g. an installed GGUF)"
         },
     )
+    start_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "a finished gravitize output to continue from: its fitted layers are kept (no "
+            "transfer), and with ship=delta only the update over it is added to its delta files"
+        },
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:

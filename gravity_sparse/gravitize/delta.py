@@ -12,6 +12,9 @@ Layout of a delta directory:
     gravity_delta.safetensors    per parameter, either the full value ("<name>", q/k and all 1-D tensors)
                                  or two low-rank factors ("<name>::u" (out, r), "<name>::v" (r, in)) of
                                  the update over the base
+    gravity_delta.1.safetensors  optional further layers, applied in order: a run that continued from an
+                                 earlier delta output (`start_from`) ships only its update over that one,
+                                 all low-rank but the masses, and keeps the earlier files byte for byte
     tokenizer files, gravitize.json, meta.json, README.md
 
 `pack_delta` writes it from a full model and its base; `load_from_base` rebuilds the full model (the
@@ -38,6 +41,15 @@ DELTA_FILE = "gravity_delta.safetensors"
 FULL_SUFFIXES = ("q_proj.weight", "k_proj.weight", "gravity_mass_log")  # stored whole
 MAX_RANK = 64
 TOLERANCE = 2e-3  # largest |reconstructed − exact| relative to the largest |exact| of an update
+
+
+def delta_files(directory: Path) -> list[Path]:
+    """The delta layers of a directory in the order they apply: gravity_delta, then .1, .2, …"""
+    more = sorted(
+        directory.glob("gravity_delta.*.safetensors"),
+        key=lambda f: int(f.name.split(".")[1]) if f.name.split(".")[1].isdigit() else -1,
+    )
+    return [directory / DELTA_FILE, *(f for f in more if f.name.split(".")[1].isdigit())]
 
 
 def _files(path: Path) -> list[Path]:
@@ -118,8 +130,11 @@ def _low_rank(update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 @torch.no_grad()
-def pack_delta(model: torch.nn.Module, base: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors of `gravity_delta.safetensors`: what turns `base`'s weights into `model`'s."""
+def pack_delta(
+    model: torch.nn.Module, base: torch.nn.Module, whole: tuple[str, ...] = FULL_SUFFIXES
+) -> dict[str, torch.Tensor]:
+    """The tensors of a delta file: what turns `base`'s weights into `model`'s. Names ending in `whole`
+    and 1-D tensors are stored whole, every other update as low-rank factors."""
     base_state = base.state_dict()
     out: dict[str, torch.Tensor] = {}
     for name, value in model.state_dict().items():
@@ -130,7 +145,7 @@ def pack_delta(model: torch.nn.Module, base: torch.nn.Module) -> dict[str, torch
         update = value.float() - base_state[name].float()
         if not bool(update.any()):
             continue
-        if value.dim() < 2 or name.endswith(FULL_SUFFIXES):
+        if value.dim() < 2 or name.endswith(whole):
             dtype = torch.float16 if value.dim() >= 2 else torch.float32
             out[name] = value.detach().to(dtype).contiguous()
             continue
@@ -145,15 +160,21 @@ def pack_delta(model: torch.nn.Module, base: torch.nn.Module) -> dict[str, torch
     return out
 
 
-def save_delta(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file(tensors, str(directory / DELTA_FILE), metadata={"format": "gravity-delta-1"})
+def save_delta(directory: Path, tensors: dict[str, torch.Tensor], index: int = 0) -> Path:
+    path = directory / (DELTA_FILE if index == 0 else f"gravity_delta.{index}.safetensors")
+    save_file(tensors, str(path), metadata={"format": "gravity-delta-1"})
+    return path
 
 
 @torch.no_grad()
 def apply_delta(model: torch.nn.Module, directory: Path) -> None:
-    """Add the stored difference to `model` (built from the base) in place."""
+    """Add the stored differences (every delta layer, in order) to `model` (built from the base) in place."""
+    for path in delta_files(directory):
+        _apply_file(model, path)
+
+
+def _apply_file(model: torch.nn.Module, path: Path) -> None:
     params = dict(model.named_parameters()) | dict(model.named_buffers())
-    path = directory / DELTA_FILE
     try:
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("format") != "gravity-delta-1":

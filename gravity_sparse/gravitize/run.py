@@ -94,6 +94,7 @@ _TRANSFER_KEYS = (
     "mass_init",
     "eps",
     "seed",
+    "start_from",
 )
 
 
@@ -130,7 +131,10 @@ def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     source, tok = load_source(cfg.source, cfg.tokenizer)
-    model = gravity_from_pretrained(source, eps=cfg.eps, mass_init=cfg.mass_init)
+    if cfg.start_from:
+        model, prior = _start_model(cfg, source)
+    else:
+        model, prior = gravity_from_pretrained(source, eps=cfg.eps, mass_init=cfg.mass_init), None
     total = cfg.num_sequences + cfg.heldback_sequences
     seqs = _sequences(tok, cfg.calibration_text, cfg.seq_len, total)
     (work / "layers").mkdir(parents=True, exist_ok=True)
@@ -143,7 +147,9 @@ def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
     saved_cfg.write_text(json.dumps(asdict(cfg) | {"out": str(out)}, indent=2) + "\n")
     stats_path = work / "layers.json"
     stats: dict[str, Any] = json.loads(stats_path.read_text()) if stats_path.exists() else {}
-    layers = model.gravity_layers()
+    layers = [] if prior else model.gravity_layers()  # a start model's layers are already fitted
+    if prior:
+        stats = prior["layers"]
     todo = [
         a.layer_idx
         for a in layers
@@ -192,6 +198,8 @@ def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
         "source_architecture": source.config.model_type,
         "layers": stats,
     }
+    if prior:  # the transfer was done by the start model's run: its record and wall time
+        record["start_from"] = {"path": str(cfg.start_from), "wall_s": prior.get("wall_s")}
     final = "after_transfer"
     if cfg.distill_steps > 0:
         model, record["distill"] = _distill(model, source, tok, cfg, work)
@@ -227,12 +235,23 @@ def run_gravitize(cfg: GravitizeConfig, progress: bool = True) -> Path:
 def _ship_delta(model, source, tok, cfg: GravitizeConfig, tmp: Path) -> dict[str, Any]:
     """Write the delta layout into `tmp`, rebuild the model from it and check it against `model`."""
     from .convert import gravity_from_pretrained
-    from .delta import BASE_KEY, apply_delta, base_spec, pack_delta, save_delta
+    from .delta import BASE_KEY, apply_delta, base_spec, delta_files, pack_delta, save_delta
 
     tmp.mkdir(parents=True, exist_ok=True)
+    over = Path(cfg.start_from) if cfg.start_from else None
+    if over is not None and _is_delta_of(over, cfg.source):
+        # a further layer over the start model's delta files, which are kept byte for byte
+        from ..model.io import load_model
+
+        earlier = delta_files(over)
+        for f in earlier:
+            shutil.copyfile(f, tmp / f.name)
+        tensors = pack_delta(model, load_model(over)[0], whole=("gravity_mass_log",))
+        save_delta(tmp, tensors, index=len(earlier))
+    else:
+        tensors = pack_delta(model, gravity_from_pretrained(source, config=model.config))
+        save_delta(tmp, tensors)
     base = gravity_from_pretrained(source, config=model.config)
-    tensors = pack_delta(model, base)
-    save_delta(tmp, tensors)
     config = model.config.to_dict() | {BASE_KEY: base_spec(cfg.source)}
     for key in ("auto_map", "architectures"):
         config.pop(key, None)
@@ -243,6 +262,7 @@ def _ship_delta(model, source, tok, cfg: GravitizeConfig, tmp: Path) -> dict[str
     full, rebuilt = model(input_ids=ids, labels=ids), base(input_ids=ids, labels=ids)
     return {
         "bytes": sum(f.stat().st_size for f in tmp.iterdir()),
+        "files": {f.name: f.stat().st_size for f in delta_files(tmp)},
         "tensors": len(tensors),
         "max_logit_diff_rebuilt_vs_full": float((rebuilt.logits - full.logits).abs().max()),
         # what a rebuilt copy must reproduce: loss of the full model on the first heldout tokens
@@ -250,14 +270,43 @@ def _ship_delta(model, source, tok, cfg: GravitizeConfig, tmp: Path) -> dict[str
     }
 
 
+def _start_model(cfg: GravitizeConfig, source) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The finished gravitize output to continue from (its transfer is kept) and its record."""
+    from ..model.io import load_model
+
+    start = Path(cfg.start_from)
+    record_file = start / "gravitize.json"
+    if not record_file.is_file():
+        raise UserError(
+            f"start_from={start} is not a finished gravitize output (no gravitize.json)"
+        )
+    model, _ = load_model(start)
+    theirs, ours = model.config, source.config
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
+        if getattr(theirs, key) != getattr(ours, key):
+            raise UserError(
+                f"start_from={start} does not match the source: {key} "
+                f"{getattr(theirs, key)} vs {getattr(ours, key)}"
+            )
+    prior = json.loads(record_file.read_text())
+    meta = start / "meta.json"
+    prior["wall_s"] = json.loads(meta.read_text()).get("wall_s") if meta.is_file() else None
+    return model, prior
+
+
+def _is_delta_of(directory: Path, source: str) -> bool:
+    """Whether `directory` is a delta output packed against this very source file."""
+    from .delta import BASE_KEY, sha256
+
+    config = json.loads((directory / "config.json").read_text())
+    spec = config.get(BASE_KEY)
+    return bool(spec) and spec.get("sha256") == sha256(Path(source).resolve())
+
+
 def _distill(model, source, tok, cfg: GravitizeConfig, work: Path):
     """Distil once: the result is kept in `work/distilled` so that a rerun skips straight to the end."""
     from ..model.io import load_model, save_model
     from .distill import distill_model
-
-    done = work / "distilled"
-    if (done / "distill.json").is_file():
-        return load_model(done)[0], json.loads((done / "distill.json").read_text())
 
     scratch = work / "distill"
     settings = {k: v for k, v in asdict(cfg).items() if k.startswith("distill_")}
@@ -268,6 +317,9 @@ def _distill(model, source, tok, cfg: GravitizeConfig, work: Path):
         )
     scratch.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(settings, indent=2) + "\n")
+    done = work / "distilled"
+    if (done / "distill.json").is_file():
+        return load_model(done)[0], json.loads((done / "distill.json").read_text())
     train_ids, val_ids = _distill_data(source, tok, cfg, scratch)
     merged, record = distill_model(
         model,

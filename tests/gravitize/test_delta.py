@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from test_gravitize import tiny_llama
 
 from gravity_sparse import load_model
@@ -126,3 +127,36 @@ def test_changed_or_missing_base_is_a_one_line_error(shipped, tmp_path):
     (bad / DELTA_FILE).write_bytes((delta / DELTA_FILE).read_bytes()[:-100])
     with pytest.raises(UserError, match="corrupt or truncated"):
         load_model(bad)
+
+
+def test_a_run_continued_from_a_delta_output_ships_only_its_update(shipped):
+    root, _, delta = shipped
+    cfg = _cfg(root, "stacked", "delta")
+    cfg.start_from, cfg.steps = str(delta), 0
+    stacked = run_gravitize(cfg, progress=False)
+    # the earlier delta file is kept byte for byte; the distillation's update is a second layer
+    assert (stacked / DELTA_FILE).read_bytes() == (delta / DELTA_FILE).read_bytes()
+    layer = stacked / "gravity_delta.1.safetensors"
+    with safe_open(str(layer), "pt") as f:
+        keys = list(f.keys())
+    whole = [k for k in keys if "::" not in k]
+    assert whole and all(k.endswith("gravity_mass_log") for k in whole)
+    assert any(k.endswith("q_proj.weight::u") for k in keys)  # q/k updates are low-rank here
+    record = json.loads((stacked / "gravitize.json").read_text())
+    assert record["start_from"]["path"] == str(delta)
+    assert record["layers"] == json.loads((delta / "gravitize.json").read_text())["layers"]
+    assert record["delta"]["max_logit_diff_rebuilt_vs_full"] < 1e-2
+    # what loads is the continued model, not the start model
+    a, b = load_model(delta)[0], load_model(stacked)[0]
+    x = torch.tensor([list(b"The assert statement")])
+    with torch.no_grad():
+        assert (a(x).logits - b(x).logits).abs().max() > 1e-3
+
+
+def test_start_from_something_else_is_a_one_line_error(shipped, tmp_path):
+    root, _, _ = shipped
+    cfg = _cfg(root, "x", "delta")
+    cfg.out = str(tmp_path / "x")
+    cfg.start_from = str(tmp_path / "nope")
+    with pytest.raises(UserError, match="not a finished gravitize output"):
+        run_gravitize(cfg, progress=False)

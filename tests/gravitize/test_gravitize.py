@@ -58,6 +58,7 @@ def gravitized(tmp_path_factory):
         eval_max_tokens=1024,
         distill_steps=6,
         distill_seq_len=32,
+        distill_teacher_tokens=2048,
         distill_lr=5e-3,
         distill_weight=1.0,
     )
