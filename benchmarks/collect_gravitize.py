@@ -61,6 +61,9 @@ def _smoke_run(root: Path) -> Path:
         heldback_sequences=1,
         steps=2,
         eval_max_tokens=64,
+        distill_steps=2,
+        distill_seq_len=16,
+        distill_teacher_tokens=256,
     )
     return run_gravitize(gcfg, progress=False)
 

@@ -159,3 +159,4 @@ def test_collect_gravitize_smoke(tmp_path):
     assert set(payload["losses"]) == {"heldout", "docstrings"} and payload["layers"]["0"]
     md = out.with_suffix(".md").read_text()
     assert "| heldout |" in md and "| 0 |" in md and "**Prompt:**" in md
+    assert "Distillation: 2 steps of 4 × 16 tokens on 'teacher,train' (256 tokens of teacher" in md

@@ -48,6 +48,19 @@ def samples_block(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _start_lines(record: dict[str, Any]) -> list[str]:
+    start = record.get("start_from")
+    if not start:
+        return []
+    wall = start.get("wall_s")
+    took = f" (whose own process took {wall / 60:.1f} min)" if wall else ""
+    return [
+        f"Continued from `{start['path']}`{took}: its fitted layers and their record below are that "
+        "run's; this run did the distillation.",
+        "",
+    ]
+
+
 def markdown(record: dict[str, Any], meta: dict[str, Any]) -> str:
     """Losses, per-layer transfer errors and masses, distillation, samples, wall time."""
     cfg = meta.get("config", {})
@@ -58,6 +71,7 @@ def markdown(record: dict[str, Any], meta: dict[str, Any]) -> str:
         f"{cfg.get('seq_len')} tokens of '{cfg.get('calibration_text')}', "
         f"distillation: {cfg.get('distill_steps')} steps.",
         "",
+        *_start_lines(record),
         "### Held-out loss (nats/token, same tokens for every model)",
         "",
         *losses_table(record),
@@ -69,10 +83,19 @@ def markdown(record: dict[str, Any], meta: dict[str, Any]) -> str:
     ]
     distill = record.get("distill")
     if distill:
-        evals = [h["eval_loss"] for h in distill.get("log_history", []) if "eval_loss" in h]
+        at = {h["step"]: h["eval_loss"] for h in distill.get("log_history", []) if "eval_loss" in h}
+        steps, evals = list(at), list(at.values())  # the final re-evaluation repeats the last step
         out += [
-            f"Distillation: {distill['steps']} steps, validation next-token loss "
-            + " → ".join(f"{e:.3f}" for e in evals)
+            f"Distillation: {distill['steps']} steps of {cfg.get('distill_batch_size')} × "
+            f"{cfg.get('distill_seq_len')} tokens on '{cfg.get('distill_text')}'"
+            + (
+                f" ({cfg.get('distill_teacher_tokens')} tokens of teacher text)"
+                if "teacher" in str(cfg.get("distill_text"))
+                else ""
+            )
+            + f", rank-{cfg.get('distill_lora_r')} LoRA, lr {cfg.get('distill_lr')}, "
+            f"KL share {cfg.get('distill_weight')}; validation next-token loss at steps "
+            + ", ".join(f"{s}: {e:.3f}" for s, e in zip(steps, evals, strict=True))
             + f" (best {distill['best_val_loss']:.3f} kept).",
             "",
         ]
@@ -83,5 +106,12 @@ def markdown(record: dict[str, Any], meta: dict[str, Any]) -> str:
             f"rebuilt model vs full model, largest logit difference {d['max_logit_diff_rebuilt_vs_full']:.2e}.",
             "",
         ]
+        if len(d.get("files", {})) > 1:
+            out += [
+                "Delta files, applied in order: "
+                + ", ".join(f"`{n}` {b / 1e6:.1f} MB" for n, b in d["files"].items())
+                + ".",
+                "",
+            ]
     out += ["### Greedy samples (same prompts, chat template)", "", *samples_block(record)]
     return "\n".join(out)
