@@ -45,11 +45,10 @@ TOLERANCE = 2e-3  # largest |reconstructed − exact| relative to the largest |e
 
 def delta_files(directory: Path) -> list[Path]:
     """The delta layers of a directory in the order they apply: gravity_delta, then .1, .2, …"""
-    more = sorted(
-        directory.glob("gravity_delta.*.safetensors"),
-        key=lambda f: int(f.name.split(".")[1]) if f.name.split(".")[1].isdigit() else -1,
-    )
-    return [directory / DELTA_FILE, *(f for f in more if f.name.split(".")[1].isdigit())]
+    more = [
+        f for f in directory.glob("gravity_delta.*.safetensors") if f.name.split(".")[1].isdigit()
+    ]
+    return [directory / DELTA_FILE, *sorted(more, key=lambda f: int(f.name.split(".")[1]))]
 
 
 def _files(path: Path) -> list[Path]:

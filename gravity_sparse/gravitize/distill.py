@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -60,11 +61,9 @@ def latest_checkpoint(scratch: Path) -> Path | None:
 
 
 def _load_extras(ckpt: Path, model: torch.nn.Module, keep: KeepBest) -> None:
-    from safetensors import safe_open
-
     with safe_open(str(ckpt / EXTRAS), "pt") as f:
         meta = f.metadata()
-    tensors = load_file(str(ckpt / EXTRAS))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     params = _extra_params(model)
     with torch.no_grad():
         for n, p in params.items():

@@ -238,6 +238,7 @@ def _ship_delta(model, source, tok, cfg: GravitizeConfig, tmp: Path) -> dict[str
     from .delta import BASE_KEY, apply_delta, base_spec, delta_files, pack_delta, save_delta
 
     tmp.mkdir(parents=True, exist_ok=True)
+    base = gravity_from_pretrained(source, config=model.config)  # packed against, then rebuilt from
     over = Path(cfg.start_from) if cfg.start_from else None
     if over is not None and _is_delta_of(over, cfg.source):
         # a further layer over the start model's delta files, which are kept byte for byte
@@ -249,9 +250,8 @@ def _ship_delta(model, source, tok, cfg: GravitizeConfig, tmp: Path) -> dict[str
         tensors = pack_delta(model, load_model(over)[0], whole=("gravity_mass_log",))
         save_delta(tmp, tensors, index=len(earlier))
     else:
-        tensors = pack_delta(model, gravity_from_pretrained(source, config=model.config))
+        tensors = pack_delta(model, base)
         save_delta(tmp, tensors)
-    base = gravity_from_pretrained(source, config=model.config)
     config = model.config.to_dict() | {BASE_KEY: base_spec(cfg.source)}
     for key in ("auto_map", "architectures"):
         config.pop(key, None)
