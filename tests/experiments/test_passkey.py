@@ -128,3 +128,34 @@ def test_bad_passkey_input_is_one_line(tmp_path, capsys):
     with pytest.raises(UserError, match="nothing to evaluate"):
         PasskeyConfig(dense=False)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_prefix_cached_scoring_equals_the_whole_prompt(tiny, sparse):
+    from gravity_sparse.experiments.passkey.passkey import _trial, key_logits, prefix_cache
+    from gravity_sparse.model.masks import attach_masks, detach_masks
+
+    model, tok = tiny
+    L, H = len(model.gravity_layers()), model.config.num_attention_heads
+    if sparse:  # dropped heads, a sink column and a band: the key must travel through kept blocks
+        masks = dense_masks(L, H, 32, 512)
+        masks.head_keep[:, ::3] = False
+        band = torch.ones(16, 16, dtype=torch.bool).tril() & ~torch.ones(16, 16).tril(-4).bool()
+        masks.block_mask &= band | (torch.arange(16) == 0)
+        attach_masks(model, masks)
+    try:
+        for depth in (0.3, 0.9):
+            keys_ = ["31415", "27182"]
+            prompt, key_ids, n = _trial(tok, 450, depth, keys_[0])
+            assert 40 < n < len(prompt) - 20
+            prefix = prefix_cache(model, prompt[:n])
+            for key in keys_:  # the second trial reuses the same prefix cache
+                prompt, key_ids, n2 = _trial(tok, 450, depth, key)
+                assert n2 == n
+                got = key_logits(model, prompt, key_ids, prefix)
+                want = key_logits(model, prompt, key_ids)
+                torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+                assert prefix[1].get_seq_length() == n
+    finally:
+        if sparse:
+            detach_masks(model)

@@ -4,13 +4,16 @@ request for the key. A trial is correct when the model's greedy continuation of 
 
 Scoring is one forward pass per trial: the key's tokens are appended to the prompt and the trial counts as
 correct when the argmax at every key position is the key's own token. That is exactly "greedy decoding
-produces the key first", without a decode loop. Prompts are built to the requested length in the model's
+produces the key first", without a decode loop. The trials of one cell (length, depth) share everything
+before the needle, so that prefix is run once into a KV cache and each trial runs only the rest on a copy
+of it (exact: the logits are those of the whole prompt). Prompts are built to the requested length in the model's
 own tokens (the filler is repeated and cut), with the key sentence at the requested depth of the filler.
 Keys come from a seeded generator, so every model and mask sees the same prompts.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 from typing import Any
 
@@ -35,6 +38,12 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 def build_trial(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], list[int]]:
     """(prompt ids, key ids) with len(prompt) + len(key) == length and the needle at `depth`."""
+    prompt, key_ids, _ = _trial(tokenizer, length, depth, key)
+    return prompt, key_ids
+
+
+def _trial(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], list[int], int]:
+    """build_trial's (prompt, key ids) and the length of the prefix before the needle."""
     intro, question, key_ids = (
         _ids(tokenizer, INTRO),
         _ids(tokenizer, QUESTION),
@@ -48,7 +57,7 @@ def build_trial(tokenizer, length: int, depth: float, key: str) -> tuple[list[in
     filler = (unit * (room // len(unit) + 1))[:room]
     cut = int(round(depth * room))
     prompt = intro + filler[:cut] + needle + filler[cut:] + question
-    return prompt, key_ids
+    return prompt, key_ids, len(intro) + cut
 
 
 def keys(seed: int, count: int) -> list[str]:
@@ -57,10 +66,45 @@ def keys(seed: int, count: int) -> list[str]:
 
 
 @torch.no_grad()
-def trial_correct(model: torch.nn.Module, prompt: list[int], key_ids: list[int]) -> bool:
+def key_logits(
+    model: torch.nn.Module, prompt: list[int], key_ids: list[int], prefix: tuple | None = None
+) -> torch.Tensor:
+    """(len(key_ids), vocab) logits that predict each key token after `prompt`. `prefix`: (n, cache)
+    holding the KV of prompt[:n] (from `prefix_cache`); only the rest is run, on a copy of the cache (a
+    copy of 2k tokens' KV costs far less than their forward, and needs no version-specific `crop`)."""
     ids = torch.tensor([prompt + key_ids])
-    logits = model(input_ids=ids, logits_to_keep=len(key_ids) + 1).logits[0, :-1]
+    if prefix is None:
+        return model(input_ids=ids, logits_to_keep=len(key_ids) + 1).logits[0, :-1]
+    from gravity_sparse.model.modeling_gravity import cache_kwarg
+
+    n, cache = prefix
+    out = model(
+        input_ids=ids[:, n:], use_cache=True, logits_to_keep=len(key_ids) + 1,
+        **cache_kwarg(copy.deepcopy(cache)),
+    )  # fmt: skip
+    return out.logits[0, :-1]
+
+
+def trial_correct(
+    model: torch.nn.Module, prompt: list[int], key_ids: list[int], prefix: tuple | None = None
+) -> bool:
+    """Greedy decoding after `prompt` starts with `key_ids` (see `key_logits` for `prefix`)."""
+    logits = key_logits(model, prompt, key_ids, prefix)
     return bool((logits.argmax(-1) == torch.tensor(key_ids)).all())
+
+
+@torch.no_grad()
+def prefix_cache(model: torch.nn.Module, ids: list[int]) -> tuple[int, Any] | None:
+    """(len(ids), a DynamicCache holding their KV), or None for an empty prefix."""
+    from transformers import DynamicCache
+
+    from gravity_sparse.model.modeling_gravity import cache_kwarg
+
+    if not ids:
+        return None
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1, **cache_kwarg(cache))
+    return len(ids), cache
 
 
 def evaluate(
@@ -71,15 +115,18 @@ def evaluate(
     trials: int,
     seed: int,
     on_trial=None,
+    cache_prefix: bool = True,
 ) -> list[dict[str, Any]]:
     """[{"length", "depth", "trials", "correct", "accuracy"}] for every length × depth cell."""
     rows = []
     for length in lengths:
         for depth in depths:
-            correct = 0
+            correct, prefix, prefix_ids = 0, None, None
             for key in keys(seed + 7919 * length + int(1000 * depth), trials):
-                prompt, key_ids = build_trial(tokenizer, length, depth, key)
-                correct += trial_correct(model, prompt, key_ids)
+                prompt, key_ids, n = _trial(tokenizer, length, depth, key)
+                if cache_prefix and prompt[:n] != prefix_ids:  # once a cell unless keys differ in length
+                    prefix, prefix_ids = prefix_cache(model, prompt[:n]), prompt[:n]
+                correct += trial_correct(model, prompt, key_ids, prefix)
                 if on_trial is not None:
                     on_trial()
             rows.append(

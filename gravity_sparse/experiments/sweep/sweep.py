@@ -11,6 +11,11 @@ Fanned out under a launcher: the points (head-drop fraction, density) are indepe
 evaluates and heals a contiguous share of them by itself (its heals train alone, `dist.alone`), the dense
 loss is scored data-parallel, and every rank's rows are gathered in the order of the points; rank 0 writes
 the folder. The rows do not depend on the number of processes.
+
+Resumable: every finished pattern is appended to `RUN/sweep.progress/rows-rank<R>.jsonl` under the hash
+of the sweep's config and inputs, and a rerun of the same sweep reuses those rows instead of recomputing
+them (a healed pattern of gravity-smol costs minutes). The progress folder is removed once `RUN/sweep/` is
+written; rows of another config or input are never reused.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +37,7 @@ from gravity_sparse.run.artifacts import stage_dirname, stage_folder
 from gravity_sparse.run.config import config_to_dict
 
 SWEEP_DIR = "sweep"  # RUN/sweep/: an experiment, not a numbered pipeline stage
+PROGRESS_DIR = "sweep.progress"  # finished rows of an unfinished sweep
 
 
 def sweep_config(cfg) -> dict[str, Any]:
@@ -50,6 +57,28 @@ def sweep_inputs(cfg) -> dict[str, Any]:
         "eval": text_digest(cfg.apply.eval_text),
         "heal": text_digest(cfg.heal.text),
     }
+
+
+def _progress_key(cfg) -> str:
+    from gravity_sparse.run.artifacts import config_hash, hash_path
+
+    inputs = {k: hash_path(v) for k, v in sweep_inputs(cfg).items()}
+    return config_hash({"config": sweep_config(cfg), "inputs": inputs})
+
+
+def _done_rows(folder: Path, key: str) -> dict[tuple, dict[str, Any]]:
+    """{(head_drop, density_target, method): row} of this sweep's finished patterns (any rank's)."""
+    done: dict[tuple, dict[str, Any]] = {}
+    for path in sorted(folder.glob("rows-rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill: that pattern is redone
+                continue
+            if entry.get("key") == key:
+                r = entry["row"]
+                done[(r["head_drop"], r["density_target"], r["method"])] = r
+    return done
 
 
 def _patterns(cfg, tensors, meta, density: float, head_drop: float, eps: float):
@@ -102,6 +131,10 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
     start = time.perf_counter()
     points = [(h, d) for h in sw.head_drops for d in sw.densities]
     mine = dist.share(len(points))
+    progress, key = run / PROGRESS_DIR, _progress_key(cfg)
+    progress.mkdir(parents=True, exist_ok=True)
+    done_before = _done_rows(progress, key)
+    log = progress / f"rows-rank{dist.rank()}.jsonl"
     done: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = []
     for head_drop, density in points[mine.start : mine.stop]:
         rows: list[dict[str, Any]] = []
@@ -114,6 +147,10 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
             print(f"sweep density {density} head_drop {head_drop}: skipped ({e})", flush=True)
             continue
         for method, masks in patterns.items():
+            if (head_drop, density, method) in done_before:
+                rows.append(done_before[(head_drop, density, method)])
+                print(_row_line(rows[-1]) + " (from sweep.progress)", flush=True)
+                continue
             row = {
                 "density_target": density,
                 "head_drop": head_drop,
@@ -136,6 +173,8 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
                 row["loss_healed"] = sparse_loss(healed, masks, ids, apply_cfg)[0]
                 row["heal_steps"] = record["steps_run"]
             rows.append(row)
+            with log.open("a") as f:
+                f.write(json.dumps({"key": key, "row": row}) + "\n")
             print(_row_line(row), flush=True)
     # every rank's points, in the order of the points (each rank's share is contiguous)
     every = [point for share in dist.gather(done) for point in share]
@@ -160,6 +199,8 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
             (sf.path / "sweep.md").write_text(sweep_markdown(summary))
             plot_pareto(summary, sf.path / "pareto.png")
         sf.summary.update(rows=len(rows), skipped=len(skipped), wall_s=summary["wall_s"])
+    if dist.is_main():
+        shutil.rmtree(progress, ignore_errors=True)
     return sf.final, summary
 
 
