@@ -124,7 +124,9 @@ def evaluate(
             correct, prefix, prefix_ids = 0, None, None
             for key in keys(seed + 7919 * length + int(1000 * depth), trials):
                 prompt, key_ids, n = _trial(tokenizer, length, depth, key)
-                if cache_prefix and prompt[:n] != prefix_ids:  # once a cell unless keys differ in length
+                if (
+                    cache_prefix and prompt[:n] != prefix_ids
+                ):  # once a cell unless keys differ in length
                     prefix, prefix_ids = prefix_cache(model, prompt[:n]), prompt[:n]
                 correct += trial_correct(model, prompt, key_ids, prefix)
                 if on_trial is not None:
