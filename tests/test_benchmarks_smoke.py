@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ SMOKED = {
     "collect_heal",
     "collect_run",
     "dry_run_gravity2",
+    "importance_check",
 }
 
 
@@ -160,3 +162,17 @@ def test_collect_gravitize_smoke(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert "| heldout |" in md and "| 0 |" in md and "**Prompt:**" in md
     assert "Distillation: 2 steps of 4 × 16 tokens on 'teacher,train' (256 tokens of teacher" in md
+
+
+def test_importance_check_smoke(tmp_path):
+    script = _script("importance_check")
+    assert script.main(["--smoke", "--out", str(tmp_path)]) == 0
+    payload = json.loads(next(tmp_path.glob("*-importance-check-cpu-smoke.json")).read_text())
+    _provenance_ok(payload["provenance"])
+    assert payload["agreement"]["heads"] == 16 and -1 <= payload["agreement"]["spearman"] <= 1
+    assert all(len(v) == 8 for v in payload["ablation"].values())
+    # the comparison itself: identical importances agree fully, reversed ones not at all
+    x = torch.rand(4, 8)
+    same = script.compare(x, x, [0, 2])
+    assert same["spearman"] == 1.0 and same["drop_overlap"] == same["drop_quarter"] == 4
+    assert script.compare(x, -x, [0, 2])["spearman"] == -1.0

@@ -236,20 +236,24 @@ def _capture_layer_inputs(model, ids, kernels, cfg) -> list[tuple[torch.Tensor, 
     return captured
 
 
-def _ablation_importance(model, sequences, cfg, kernels) -> torch.Tensor:
-    """Exact importance [L, H]: loss increase (nats/token) when one head's output is zeroed."""
+def _ablation_importance(model, sequences, cfg, kernels, only=None) -> torch.Tensor:
+    """Exact importance [L, H]: loss increase (nats/token) when one head's output is zeroed.
+
+    `only`: ablate the heads of these layers alone (the rest stay NaN), e.g. to check a faster
+    importance against ablation on a sample (benchmarks/importance_check.py)."""
     layers = list(model.model.layers)
     num_layers, heads = len(layers), kernels.layers[0].num_heads
+    ablate = range(num_layers) if only is None else sorted(set(only))
     group = cfg.ablation_group or heads
     used = sequences[: cfg.ablation_sequences]
     mine = used[dist.share(len(used)).start : dist.share(len(used)).stop]
     total = torch.zeros(num_layers, heads, dtype=torch.float64)
-    steps = len(mine) * num_layers * (-(-heads // group))
+    steps = len(mine) * len(ablate) * (-(-heads // group))
     bar = tqdm(total=steps, desc="measure: ablation", disable=_quiet(cfg))
     for seq in mine:
         ids = seq.view(1, -1).to(model.device)
         inputs = _capture_layer_inputs(model, ids, kernels, cfg)
-        for layer in range(num_layers):
+        for layer in ablate:
             for first in range(0, heads, group):
                 ablated = list(range(first, min(heads, first + group)))
                 # copy 0 keeps every head: the baseline shares the batch and hence the arithmetic
@@ -273,7 +277,10 @@ def _ablation_importance(model, sequences, cfg, kernels) -> torch.Tensor:
                 bar.update()
         del inputs
     bar.close()
-    return (dist.all_reduce_sum(total) / len(used)).float()
+    total = dist.all_reduce_sum(total) / len(used)
+    if only is not None:
+        total[[i for i in range(num_layers) if i not in set(ablate)]] = float("nan")
+    return total.float()
 
 
 def run_measure(

@@ -294,3 +294,21 @@ def test_config_validation():
         MeasureConfig(importance="taylor")
     with pytest.raises(UserError, match="block_size"):
         MeasureConfig(block_size=0)
+
+
+def test_ablation_of_a_sample_of_layers_equals_those_rows_of_the_full_ablation():
+    from gravity_sparse.stages.s1_measure.measure import (
+        _ablation_importance,
+        _Kernels,
+        calibration_sequences,
+    )
+
+    model = tiny_model(seed=1).eval()
+    cfg = MeasureConfig(seq_len=64, block_size=16, ablation_sequences=2, progress=False)
+    seqs = calibration_sequences(TOKENS, 64, 2, 512)
+    with _Kernels(model) as kernels:
+        full = _ablation_importance(model, seqs, cfg, kernels)
+        some = _ablation_importance(model, seqs, cfg, kernels, only=[1])
+    assert torch.isfinite(full).all() and full.abs().sum() > 0
+    torch.testing.assert_close(some[1], full[1], atol=1e-6, rtol=0)
+    assert torch.isnan(some[0]).all()
