@@ -30,6 +30,7 @@ SMOKED = {
     "collect_run",
     "dry_run_gravity2",
     "importance_check",
+    "retrieval_check",
 }
 
 
@@ -176,3 +177,45 @@ def test_importance_check_smoke(tmp_path):
     same = script.compare(x, x, [0, 2])
     assert same["spearman"] == 1.0 and same["drop_overlap"] == same["drop_quarter"] == 4
     assert script.compare(x, -x, [0, 2])["spearman"] == -1.0
+
+
+def test_retrieval_check_smoke(tmp_path):
+    script = _script("retrieval_check")
+    assert script.main(["--smoke", "--out", str(tmp_path)]) == 0
+    payload = json.loads(next(tmp_path.glob("*-retrieval-check-cpu-smoke.json")).read_text())
+    _provenance_ok(payload["provenance"])
+    gravity, ref = payload["models"]
+    assert [c["length"] for c in gravity["passkey"]] == [400]
+    assert [c["gap"] for c in gravity["induction"]] == [0, 40]
+    assert "no gravity_base" in ref["skipped"]  # the tiny model was not gravitized
+
+
+def test_induction_score_is_one_for_a_copier_and_zero_for_a_model_that_never_copies():
+    script = _script("retrieval_check")
+    from gravity_sparse import load_model
+
+    _, tok = load_model(None)
+
+    class Copier(
+        torch.nn.Module
+    ):  # predicts what followed the last earlier occurrence of its 3-gram
+        def __init__(self, copy: bool):
+            super().__init__()
+            self.copy = copy
+
+        def forward(self, input_ids, logits_to_keep):
+            ids = input_ids[0].tolist()
+            nxt = []
+            for i in range(len(ids)):
+                gram = ids[max(0, i - 2) : i + 1]
+                earlier = [
+                    j for j in range(len(gram) - 1, i) if ids[j - len(gram) + 1 : j + 1] == gram
+                ] if self.copy else []  # fmt: skip
+                nxt.append(ids[earlier[-1] + 1] if earlier else 0)
+            logits = torch.nn.functional.one_hot(torch.tensor(nxt), 300).float()[None]
+            return type("Out", (), {"logits": logits[:, -logits_to_keep:]})()
+
+    rows = script.induction(Copier(True), tok, segment=24, gaps=[0, 30], trials=3, seed=0)
+    assert [r["gap"] for r in rows] == [0, 30] and all(r["accuracy"] > 0.8 for r in rows)
+    rows = script.induction(Copier(False), tok, segment=6, gaps=[0], trials=3, seed=0)
+    assert rows[0]["accuracy"] < 0.2
