@@ -15,6 +15,77 @@ import platform
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FAR_SHARE = 4  # a key block is long-range when it lies at least n_blocks / FAR_SHARE blocks behind the query
+
+
+def far_blocks(run: Path, top: int = 10) -> dict:
+    """Which heads of the QUBO's masks keep long-range blocks, against their masses and power-law α.
+
+    Long-range: a kept key block at least n_blocks / 4 blocks behind its query block, the sink column
+    (key block 0) excluded. Spearman correlations are over the kept heads."""
+    import torch
+    from safetensors.torch import load_file
+    from scipy.stats import spearmanr
+
+    from gravity_sparse.model.masks import read_masks
+
+    masks = read_masks(run / "02_solve" / "masks.safetensors")
+    field = load_file(str(run / "01_measure" / "field.safetensors"))
+    n = masks.block_mask.shape[-1]
+    q, k = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+    far = (q - k >= max(1, n // FAR_SHARE)) & (k > 0)
+    count = (masks.block_mask & far).sum(dim=(-1, -2)) * masks.head_keep  # (L, H)
+    mass, alpha = field["mass"].float(), field["alpha"].float()
+    kept = masks.head_keep
+    heads = sorted(((int(count[l, h]), l, h) for l, h in kept.nonzero().tolist()), reverse=True)[
+        :top
+    ]
+    rank = lambda x: (-x).flatten().argsort().argsort().view_as(x) + 1  # noqa: E731 - 1 = largest
+    mass_rank, alpha_rank = rank(mass), rank(-alpha)  # alpha rank 1 = lowest α (slowest decay)
+    return {
+        "far_offset_blocks": max(1, n // FAR_SHARE),
+        "far_blocks_total": int(count.sum()),
+        "far_blocks_possible_per_head": int(far.sum()),
+        "heads_with_far_blocks": int((count > 0).sum()),
+        "heads_kept": int(kept.sum()),
+        "spearman_far_vs_mass": round(float(spearmanr(count[kept], mass[kept]).statistic), 3),
+        "spearman_far_vs_alpha": round(float(spearmanr(count[kept], alpha[kept]).statistic), 3),
+        "top": [
+            {"layer": l, "head": h, "far_blocks": c, "mass": round(float(mass[l, h]), 3),
+             "mass_rank": int(mass_rank[l, h]), "alpha": round(float(alpha[l, h]), 3),
+             "alpha_rank_low": int(alpha_rank[l, h])}
+            for c, l, h in heads
+        ],
+        "heads_total": int(kept.numel()),
+    }  # fmt: skip
+
+
+def far_markdown(f: dict) -> list[str]:
+    lines = [
+        "### Which heads keep long-range blocks (QUBO masks)",
+        "",
+        f"Long-range: a key block ≥ {f['far_offset_blocks']} blocks behind its query block, sink column "
+        f"excluded ({f['far_blocks_possible_per_head']} such blocks per head). "
+        f"{f['heads_with_far_blocks']} of {f['heads_kept']} kept heads keep any; "
+        f"{f['far_blocks_total']} in all. Spearman over kept heads: long-range blocks vs mass "
+        f"{f['spearman_far_vs_mass']:+.3f}, vs α {f['spearman_far_vs_alpha']:+.3f}.",
+        "",
+        "| layer | head | long-range blocks | mass (rank of " + str(f["heads_total"])
+        + ", 1 = heaviest) | α (rank, 1 = lowest) |",
+        "|---|---|---|---|---|",
+    ]  # fmt: skip
+    for t in f["top"]:
+        lines.append(
+            f"| {t['layer']} | {t['head']} | {t['far_blocks']} | {t['mass']} ({t['mass_rank']}) | "
+            f"{t['alpha']} ({t['alpha_rank_low']}) |"
+        )
+    return lines + [""]
+
+
 STAGES = ("01_measure", "02_solve", "03_apply", "04_heal", "05_export", "06_bench", "07_report")
 
 
@@ -61,6 +132,7 @@ def collect(run: Path) -> dict:
         "heal": heal,
         "export": _load(run / "05_export" / "export.json"),
         "bench": _load(run / "06_bench" / "bench.json"),
+        "far_blocks": far_blocks(run),
     }
 
 
@@ -88,6 +160,7 @@ def markdown(r: dict) -> str:
         f"Pattern `{h['masks']}`: density {h['density']:.4f}, heads kept {h['heads_kept']}; "
         f"{h['steps_run']} steps, {h['tokens_seen']} tokens.",
         "",
+        *far_markdown(r["far_blocks"]),
         (Path(r["run"]) / "06_bench" / "bench.md").read_text(),
     ]
     return "\n".join(lines)

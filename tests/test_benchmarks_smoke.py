@@ -149,7 +149,9 @@ def test_collectors_on_a_pipeline_run(tmp_path, capsys):
     assert main(["run", str(path)]) == 0, capsys.readouterr().err[-2000:]
     run = tmp_path / "run"
     assert _script("collect_run").main([str(run), str(tmp_path / "collected")]) == 0
-    assert json.loads((tmp_path / "collected.json").read_text())["git_revision"]
+    collected = json.loads((tmp_path / "collected.json").read_text())
+    assert collected["git_revision"] and collected["far_blocks"]["heads_kept"] > 0
+    assert "long-range blocks" in (tmp_path / "collected.md").read_text()
     assert _script("collect_heal").main([str(run), "--out", str(tmp_path / "heal")]) == 0
     assert json.loads((tmp_path / "heal.json").read_text())[0]
 
@@ -219,3 +221,34 @@ def test_induction_score_is_one_for_a_copier_and_zero_for_a_model_that_never_cop
     assert [r["gap"] for r in rows] == [0, 30] and all(r["accuracy"] > 0.8 for r in rows)
     rows = script.induction(Copier(False), tok, segment=6, gaps=[0], trials=3, seed=0)
     assert rows[0]["accuracy"] < 0.2
+
+
+def test_far_blocks_counts_long_range_blocks_per_head_and_ranks_them(tmp_path):
+    from safetensors.torch import save_file
+
+    from gravity_sparse.model.masks import dense_masks, write_masks
+
+    L, H, n = 2, 4, 8  # far: at least 2 blocks behind the query, key block 0 excluded
+    masks = dense_masks(L, H, 16, 16 * n)
+    masks.block_mask[:] = torch.eye(n, dtype=torch.bool)
+    masks.block_mask[0, 1, 7, 1:6] = True  # 5 far blocks (offsets 6..2)
+    masks.block_mask[1, 2, 5, 3] = True  # 1 far block (offset 2)
+    masks.block_mask[1, 3, 5, 4] = True  # offset 1: not far
+    masks.block_mask[1, 0, :, 0] = True  # the sink: not far
+    masks.head_keep[0, 0] = False
+    masks.block_mask[0, 0] = False
+    (tmp_path / "02_solve").mkdir()
+    (tmp_path / "01_measure").mkdir()
+    write_masks(masks, tmp_path / "02_solve" / "masks.safetensors")
+    mass = torch.tensor([[1.0, 3.0, 1.5, 1.2], [1.1, 1.3, 2.5, 0.9]])
+    alpha = torch.tensor([[1.0, 0.2, 1.5, 1.2], [1.1, 1.3, 0.4, 0.9]])
+    save_file({"mass": mass, "alpha": alpha}, str(tmp_path / "01_measure" / "field.safetensors"))
+    f = _script("collect_run").far_blocks(tmp_path)
+    assert f["far_offset_blocks"] == 2 and f["far_blocks_total"] == 6
+    assert f["heads_with_far_blocks"] == 2 and f["heads_kept"] == 7
+    assert [(t["layer"], t["head"], t["far_blocks"]) for t in f["top"][:2]] == [
+        (0, 1, 5),
+        (1, 2, 1),
+    ]
+    assert f["top"][0]["mass_rank"] == 1 and f["top"][0]["alpha_rank_low"] == 1
+    assert f["spearman_far_vs_mass"] > 0.5 and f["spearman_far_vs_alpha"] < -0.5
