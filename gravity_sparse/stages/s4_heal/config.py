@@ -48,6 +48,13 @@ class HealConfig:
     kernel: str = field(
         default="auto", metadata={"help": "attention backend while healing: " + BACKEND_HELP}
     )
+    dense_reference: bool = field(
+        default=False,
+        metadata={
+            "help": "also heal the dense model (every block kept) the same way and compare with it: "
+            "the fair reference where the dense model is itself weak at heal.seq_len"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.token_budget <= 0:

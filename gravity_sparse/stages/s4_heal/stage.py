@@ -33,6 +33,20 @@ def inputs(cfg: PipelineConfig) -> dict[str, Any]:
     }
 
 
+def dense_healed_loss(cfg: PipelineConfig, tok) -> float:
+    """Held-out loss of the dense model healed exactly like the sparse one (same seed, data, steps)."""
+    from gravity_sparse.stages.s4_heal.heal import heal_model, held_out_loss
+
+    torch.manual_seed(cfg.seed)
+    model, _ = common.load(cfg)
+    with tempfile.TemporaryDirectory() as scratch:
+        peft_model, record = heal_model(model, tok, cfg.heal, Path(scratch), seed=cfg.seed)
+    if record["fsdp"]:
+        merged = peft_model.merge_and_unload().eval() if peft_model is not None else None
+        return dist.broadcast(held_out_loss(merged, tok, cfg.heal) if merged is not None else None)
+    return held_out_loss(peft_model.merge_and_unload().eval(), tok, cfg.heal, data_parallel=True)
+
+
 def run(cfg: PipelineConfig) -> Path:
     from gravity_sparse.model.io import save_model
     from gravity_sparse.model.masks import attach_masks, read_masks
@@ -80,6 +94,12 @@ def run(cfg: PipelineConfig) -> Path:
             heldout_after=after,
             gap_to_dense_pct=100.0 * (after - dense) / dense,
         )
+        if cfg.heal.dense_reference:
+            ref = dense_healed_loss(cfg, tok)
+            record.update(
+                heldout_dense_healed=ref,
+                gap_to_dense_healed_pct=100.0 * (after - ref) / ref,
+            )
         sf.summary.update({k: v for k, v in record.items() if k != "log_history"})
         if sf.writer:
             save_model(merged, tok, sf.path / "merged")
