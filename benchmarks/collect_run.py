@@ -156,6 +156,14 @@ def markdown(r: dict) -> str:
         f"| dense | {h['heldout_dense']:.4f} |",
         f"| sparse, before healing | {h['heldout_before']:.4f} |",
         f"| sparse, after healing | {h['heldout_after']:.4f} ({h['gap_to_dense_pct']:+.2f}% vs dense) |",
+        *(
+            [
+                f"| dense, healed the same way | {h['heldout_dense_healed']:.4f} (sparse healed "
+                f"{h['gap_to_dense_healed_pct']:+.2f}% vs it) |"
+            ]
+            if h.get("heldout_dense_healed") is not None
+            else []
+        ),
         "",
         f"Pattern `{h['masks']}`: density {h['density']:.4f}, heads kept {h['heads_kept']}; "
         f"{h['steps_run']} steps, {h['tokens_seen']} tokens.",
@@ -170,8 +178,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path)
     p.add_argument("out", type=Path, help="output path without extension")
+    p.add_argument(
+        "--dense-healed",
+        type=float,
+        default=None,
+        help="held-out loss of the dense model healed the same way, measured apart (a run made "
+        "without heal.dense_reference)",
+    )
     args = p.parse_args(argv)
     result = collect(args.run)
+    if args.dense_healed is not None:
+        h = result["heal"]
+        h["heldout_dense_healed"] = args.dense_healed
+        h["gap_to_dense_healed_pct"] = (
+            100 * (h["heldout_after"] - args.dense_healed) / args.dense_healed
+        )
+        h["dense_healed_measured_apart"] = True
     result["collect_command"] = " ".join(sys.argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
