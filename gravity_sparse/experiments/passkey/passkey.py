@@ -6,8 +6,9 @@ Scoring is one forward pass per trial: the key's tokens are appended to the prom
 correct when the argmax at every key position is the key's own token. That is exactly "greedy decoding
 produces the key first", without a decode loop. The trials of one cell (length, depth) share everything
 before the needle, so that prefix is run once into a KV cache and each trial runs only the rest on a copy
-of it (exact: the logits are those of the whole prompt). Prompts are built to the requested length in the model's
-own tokens (the filler is repeated and cut), with the key sentence at the requested depth of the filler.
+of it (exact: the logits are those of the whole prompt). Prompts are built to the requested length in the
+model's own tokens (the filler is repeated and cut), with the key sentence at the requested depth of the
+filler.
 Keys come from a seeded generator, so every model and mask sees the same prompts.
 """
 
@@ -124,9 +125,8 @@ def evaluate(
             correct, prefix, prefix_ids = 0, None, None
             for key in keys(seed + 7919 * length + int(1000 * depth), trials):
                 prompt, key_ids, n = _trial(tokenizer, length, depth, key)
-                if (
-                    cache_prefix and prompt[:n] != prefix_ids
-                ):  # once a cell unless keys differ in length
+                # the prefix is run once a cell (again only if keys of another length move the needle)
+                if cache_prefix and prompt[:n] != prefix_ids:
                     prefix, prefix_ids = prefix_cache(model, prompt[:n]), prompt[:n]
                 correct += trial_correct(model, prompt, key_ids, prefix)
                 if on_trial is not None:
