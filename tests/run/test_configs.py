@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -105,3 +106,19 @@ def test_a_float_written_without_a_dot_is_a_number():
     assert cfg.lr == 0.001
     with pytest.raises(UserError, match="lr must be a number, got 'fast'"):
         build_config(HealConfig, {"lr": "fast"})
+
+
+@pytest.mark.parametrize("name", ["tiny", "smol", "gravity2-h100"])
+def test_every_shipped_pipeline_resolves(name):
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(PipelineConfig, root / "pipelines" / f"{name}.yaml")
+    assert cfg.measure.seq_len % cfg.measure.block_size == 0
+    assert cfg.heal.seq_len <= cfg.measure.seq_len and cfg.apply.seq_len <= cfg.measure.seq_len
+    if (
+        cfg.measure.importance == "grad"
+    ):  # solve must not ask for an importance measure did not make
+        assert cfg.solve.importance_source == "grad"
+    if name == "smol":  # the shape: ≥ 2,048 tokens in blocks of 64, and a five-method sweep
+        assert cfg.measure.seq_len >= 2048 and cfg.measure.block_size == 64
+        assert set(cfg.sweep.methods) == {"qubo", "window", "greedy", "random", "uniform"}
+        assert sorted(cfg.sweep.densities) == [0.15, 0.25, 0.35, 0.5]
