@@ -5,8 +5,9 @@
     python benchmarks/importance_check.py --smoke --out /tmp/smoke     # seconds; the test suite runs it
 
 Ablation (zero one head's output, the loss increase in nats/token) of all 270 heads of gravity-smol at
-2,048 tokens costs about 13 min a sequence on the 2-core machine, because every head reruns the layers
-above it. This script ablates the heads of a sample of layers only, computes the grad importance
+2,048 tokens is slow on the 2-core machine: every layer's heads rerun the layers above it, with attention
+computed in chunks (the result file gives the measured time and the estimate for every head). This script
+ablates the heads of a sample of layers only, computes the grad importance
 (|Σ ∂loss/∂out_h · out_h|, one forward and backward a sequence) on the same sequences, and compares them:
 Spearman rank correlation over the sampled heads (all together and within each layer), and the overlap
 of the heads each would drop (the lowest quarter of the sample). Text: the first sequences of the pydoc
