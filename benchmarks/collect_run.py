@@ -22,6 +22,15 @@ if str(ROOT) not in sys.path:
 FAR_SHARE = 4  # a key block is long-range when it lies at least n_blocks / FAR_SHARE blocks behind the query
 
 
+def _spearman(a, b) -> float | None:
+    """Rank correlation, or None where either side is constant (undefined)."""
+    from scipy.stats import spearmanr
+
+    if len(set(a.tolist())) < 2 or len(set(b.tolist())) < 2:
+        return None
+    return round(float(spearmanr(a, b).statistic), 3)
+
+
 def far_blocks(run: Path, top: int = 10) -> dict:
     """Which heads of the QUBO's masks keep long-range blocks, against their masses and power-law α.
 
@@ -29,7 +38,6 @@ def far_blocks(run: Path, top: int = 10) -> dict:
     (key block 0) excluded. Spearman correlations are over the kept heads."""
     import torch
     from safetensors.torch import load_file
-    from scipy.stats import spearmanr
 
     from gravity_sparse.model.masks import read_masks
 
@@ -52,8 +60,8 @@ def far_blocks(run: Path, top: int = 10) -> dict:
         "far_blocks_possible_per_head": int(far.sum()),
         "heads_with_far_blocks": int((count > 0).sum()),
         "heads_kept": int(kept.sum()),
-        "spearman_far_vs_mass": round(float(spearmanr(count[kept], mass[kept]).statistic), 3),
-        "spearman_far_vs_alpha": round(float(spearmanr(count[kept], alpha[kept]).statistic), 3),
+        "spearman_far_vs_mass": _spearman(count[kept], mass[kept]),
+        "spearman_far_vs_alpha": _spearman(count[kept], alpha[kept]),
         "top": [
             {"layer": l, "head": h, "far_blocks": c, "mass": round(float(mass[l, h]), 3),
              "mass_rank": int(mass_rank[l, h]), "alpha": round(float(alpha[l, h]), 3),
@@ -64,6 +72,10 @@ def far_blocks(run: Path, top: int = 10) -> dict:
     }  # fmt: skip
 
 
+def _fmt(r: float | None) -> str:
+    return "undefined (constant)" if r is None else f"{r:+.3f}"
+
+
 def far_markdown(f: dict) -> list[str]:
     lines = [
         "### Which heads keep long-range blocks (QUBO masks)",
@@ -72,7 +84,7 @@ def far_markdown(f: dict) -> list[str]:
         f"excluded ({f['far_blocks_possible_per_head']} such blocks per head). "
         f"{f['heads_with_far_blocks']} of {f['heads_kept']} kept heads keep any; "
         f"{f['far_blocks_total']} in all. Spearman over kept heads: long-range blocks vs mass "
-        f"{f['spearman_far_vs_mass']:+.3f}, vs α {f['spearman_far_vs_alpha']:+.3f}.",
+        f"{_fmt(f['spearman_far_vs_mass'])}, vs α {_fmt(f['spearman_far_vs_alpha'])}.",
         "",
         "| layer | head | long-range blocks | mass (rank of " + str(f["heads_total"])
         + ", 1 = heaviest) | α (rank, 1 = lowest) |",

@@ -41,7 +41,7 @@ NON_DEFAULT = {
         text="train", eval_text="calibration", token_budget=50_000, seq_len=128, batch_size=4,
         lr=1e-3, warmup_fraction=0.1, lora_r=8, lora_alpha=16, lora_dropout=0.1, distill=0.25,
         train_masses=False, val_fraction=0.2, eval_every=5, patience=2, eval_max_tokens=512,
-        eval_batch_size=2, kernel="cpu",
+        eval_batch_size=2, kernel="cpu", dense_reference=True,
     ),
     ExportConfig: dict(
         dir="out/x", parity_len=64, parity_batch=1, parity_tolerance=1e-3, check_plain=False
