@@ -3,6 +3,7 @@ peak-memory helpers. Imported by the scripts in this folder (run as `python benc
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -43,6 +44,18 @@ def provenance(config: dict[str, Any]) -> dict[str, Any]:
             "load_average": list(os.getloadavg()),
         },
     }
+
+
+def write_result(out: str | Path, name: str, smoke: bool, payload: Any, markdown: str) -> Path:
+    """`out/<today>-<name>[-smoke].json` and `.md`; returns the stem (the folder is made if missing)."""
+    from datetime import date
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / (f"{date.today().isoformat()}-{name}" + ("-smoke" if smoke else ""))
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown)
+    return stem
 
 
 def peak_rss_mib() -> float:

@@ -18,10 +18,8 @@ benchmarks/results/<date>-importance-check-cpu.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -30,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import provenance  # noqa: E402
+from _common import provenance, write_result  # noqa: E402
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -138,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     layers = [int(x) for x in args.layers.split(",")]
     result = run(args.model, layers, args.sequences, args.seq_len, args.text)
     result["provenance"] = provenance(vars(args))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{date.today().isoformat()}-importance-check-cpu" + ("-smoke" if args.smoke else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
+    write_result(args.out, "importance-check-cpu", args.smoke, result, markdown(result))
     print(markdown(result))
     return 0
 

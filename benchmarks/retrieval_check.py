@@ -25,7 +25,6 @@ import argparse
 import json
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import provenance  # noqa: E402
+from _common import provenance, write_result  # noqa: E402
 
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -167,13 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         entries.append({"label": "reference", "skipped": why})
     else:
         entries.append({"label": why, **check(ref, ref_tok, args)})
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
     result = {"config": config, "models": entries, "provenance": provenance(config)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{date.today().isoformat()}-retrieval-check-cpu" + ("-smoke" if args.smoke else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
+    write_result(args.out, "retrieval-check-cpu", args.smoke, result, markdown(result))
     print(markdown(result))
     return 0
 
