@@ -182,6 +182,7 @@ def _grad_importance(model, sequences, cfg, kernels) -> torch.Tensor:
     num_layers, heads = len(kernels.layers), kernels.layers[0].num_heads
     total = torch.zeros(num_layers, heads, dtype=torch.float64)
     outs: list[torch.Tensor] = []
+    recording = True
 
     def kernel(module, q, k, v, mask):
         def attend(q, k, v):
@@ -191,7 +192,8 @@ def _grad_importance(model, sequences, cfg, kernels) -> torch.Tensor:
             out = checkpoint(attend, q, k, v, use_reentrant=False)
         else:  # nothing upstream needs a gradient (frozen embeddings): this is a leaf
             out = attend(q, k, v).detach().requires_grad_()
-        outs.append(out)
+        if recording:  # not in the backward's recompute of a layer: that copy would keep its graph
+            outs.append(out)
         return out
 
     for layer in range(num_layers):
@@ -199,9 +201,11 @@ def _grad_importance(model, sequences, cfg, kernels) -> torch.Tensor:
     for batch in tqdm(_my_batches(sequences, cfg), desc="measure: grad", disable=_quiet(cfg)):
         ids = batch.to(model.device)
         outs.clear()
+        recording = True
         with torch.enable_grad(), checkpointed_layers(model):
             losses = _sequence_losses(model, final_hidden(model, ids), ids)
-            targets = list(outs)  # the layers' recompute in the backward appends to outs again
+            targets = list(outs)
+            recording = False
             # per-sequence mean losses are independent, so one backward of their sum gives each one's
             grads = torch.autograd.grad(losses.sum(), targets)
         for layer, (out, grad) in enumerate(zip(targets, grads, strict=True)):

@@ -312,3 +312,38 @@ def test_ablation_of_a_sample_of_layers_equals_those_rows_of_the_full_ablation()
     assert torch.isfinite(full).all() and full.abs().sum() > 0
     torch.testing.assert_close(some[1], full[1], atol=1e-6, rtol=0)
     assert torch.isnan(some[0]).all()
+
+
+def test_grad_importance_keeps_no_layer_graph_from_the_backward_recompute(monkeypatch):
+    """The backward recomputes each checkpointed layer; the attention output of that recompute must die
+    with the layer's backward. Kept, its graph holds the layer's probabilities: L × (H, T, T) at the peak
+    (461 MiB a layer at Gravity-2's shape and 4k tokens, before this was fixed)."""
+    import weakref
+
+    from gravity_sparse.stages.s1_measure import measure as measure_mod
+
+    model = tiny_model(seed=3)
+    num_layers = len(model.gravity_layers())
+    real = measure_mod.chunked_attention
+    outputs: list[weakref.ref] = []
+    alive_at_call: list[int] = []
+
+    def spy(*args, **kwargs):
+        # how many earlier recompute outputs (calls after the forward's num_layers) are still alive
+        alive_at_call.append(sum(r() is not None for r in outputs[num_layers:]))
+        out = real(*args, **kwargs)
+        outputs.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(measure_mod, "chunked_attention", spy)
+    cfg = MeasureConfig(
+        seq_len=64, block_size=16, num_sequences=1, importance="grad", plots=False, progress=False
+    )
+    seqs = TOKENS[:64].view(1, 64)
+    with measure_mod._Kernels(model) as kernels:
+        imp = measure_mod._grad_importance(model, seqs, cfg, kernels)
+    assert torch.isfinite(imp).all() and imp.abs().max() > 0
+    recompute_calls = len(alive_at_call) - num_layers
+    assert recompute_calls >= num_layers - 1  # layer 0 may be a leaf (frozen embeddings)
+    # when the last recompute starts, the earlier recomputes' outputs are gone
+    assert alive_at_call[-1] == 0, alive_at_call
