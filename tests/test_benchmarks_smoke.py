@@ -97,6 +97,34 @@ def test_bench_cpu_sparse_smoke(tmp_path):
     assert (tmp_path / result.name.replace(".json", ".md")).read_text().startswith("# CPU")
 
 
+def test_bench_cpu_sparse_ceiling_is_amdahls_bound():
+    """ceiling = dense time / (sparse time − sparse attention + density × dense attention)."""
+
+    def row(model, variant, seconds, attention=None, **extra):
+        return {"phase": "prefill", "variant": variant, "model": model, "seq_len": 512,
+                "seconds": seconds, "attention_seconds": attention, **extra}  # fmt: skip
+
+    rows = [
+        row("dense", "export", 1.0, 0.4),
+        row(
+            "sparse",
+            "export",
+            0.8,
+            0.2,
+            density=0.35,
+            speedup_vs_dense=1.25,
+            speedup_vs_checkpoint=1.125,
+        ),  # fmt: skip
+        row("dense", "checkpoint", 0.9, 0.38),
+    ]
+    targets = _script("bench_cpu_sparse").check_targets("tiny", {4: {"rows": rows}})
+    got = {t["target"]: t["ceiling"] for t in targets if "batch 4" in t["target"]}
+    best = 0.8 - 0.2 + 0.35 * 0.4
+    assert got["export prefill 512, batch 4, vs dense (every block kept)"] == round(1.0 / best, 3)
+    assert got["export prefill 512, batch 4, vs the dense checkpoint"] == round(0.9 / best, 3)
+    assert got["never slower: export prefill 512, batch 4"] is None
+
+
 def test_ablate_block_value_smoke(tmp_path):
     out = tmp_path / "ablate"
     argv = ["-c", str(ROOT / "pipelines" / "tiny.yaml"), "--smoke", "--out", str(out)]
