@@ -89,7 +89,10 @@ def find_multipliers(
     """(λ, μ) whose conditional minimiser computes ≈ target_blocks blocks (and keeps target_heads heads)."""
 
     def solve_lam(mu: float) -> tuple[float, np.ndarray]:
-        lo, hi = 0.0, float(terms.value.max(initial=0.0)) * 1.01 + 1e-12
+        # block values may be negative (solve.block_value=grad): a budget above the blocks worth keeping
+        # then needs a negative price
+        lo = min(float(terms.value.min(initial=0.0)), 0.0) * 1.01 - 1e-12
+        hi = float(terms.value.max(initial=0.0)) * 1.01 + 1e-12
         best = (np.inf, 0.0, heads0)
         for _ in range(steps):
             lam = 0.5 * (lo + hi)

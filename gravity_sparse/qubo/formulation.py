@@ -123,22 +123,30 @@ def build_terms(
     contiguity: float = 0.0,
     penalty_margin: float = 1.0,
     block_scale: str = "importance",
+    absolute: bool = False,
 ) -> Terms:
     """Coefficients from a measured field.
 
     block_field (L, H, NQB, NQB), importance/mass (L, H), redundancy (L, H, H), kv_groups (L, H).
-    kv_cost, contiguity and penalty_margin are fractions of the mean block value, so they mean the same
+    block_field holds row shares, scaled here by head, mass weight and 1/NQB; with `absolute` it holds
+    each block's value in nats already (of either sign: `solve.block_value=grad`) and is used as it is.
+    kv_cost, contiguity and penalty_margin are fractions of the mean |block value|, so they mean the same
     thing whatever the scale of the importances.
     """
     nqb = block_field.shape[-1]
     qb, kb = offdiag_blocks(nqb)
     imp = np.clip(importance.astype(np.float64), 0.0, None)
     weight = mass_weight(mass.astype(np.float64), eps, mass_scale)
-    # block values scale with the head's ablation importance, or with the model's mean importance ("flat":
-    # restricting a head is not ablating it, and a head that is cheap to drop may still need its context)
-    head_scale = imp if block_scale == "importance" else np.full_like(imp, imp.mean())
-    value = (head_scale * weight)[..., None] * block_field[..., qb, kb].astype(np.float64) / nqb
-    scale = float(value.mean()) if value.size and value.mean() > 0 else 1.0
+    if absolute:
+        value = block_field[..., qb, kb].astype(np.float64)
+    else:
+        # block values scale with the head's ablation importance, or with the model's mean importance
+        # ("flat": restricting a head is not ablating it, and a head that is cheap to drop may still
+        # need its context)
+        head_scale = imp if block_scale == "importance" else np.full_like(imp, imp.mean())
+        value = (head_scale * weight)[..., None] * block_field[..., qb, kb].astype(np.float64) / nqb
+    size = float(np.abs(value).mean()) if value.size else 0.0
+    scale = size if size > 0 else 1.0
     red = np.clip(redundancy.astype(np.float64), 0.0, None)
     pair = redundancy_weight * red * np.sqrt(imp[..., :, None] * imp[..., None, :])
     idx = np.arange(pair.shape[-1])

@@ -75,10 +75,20 @@ def synthetic_field(
     profile = np.zeros((*shape, seq_len))
     profile[..., :] = (np.arange(seq_len) + 1.0)[None, None, :] ** (-alpha[..., None])
 
+    # first-order loss sensitivity of a log-gate per block (measure's block_grad): signed, each query
+    # row sums to zero (the diagonal block takes the rest); off-diagonal blocks with more than a third of
+    # their row's mean mass help (negative gradient), lighter ones hurt a little
+    causal = np.tril(np.ones((nqb, nqb)))
+    row_mean = field.sum(-1, keepdims=True) / causal.sum(-1)
+    block_grad = -(field - row_mean / 3) * np.tril(causal, -1) * importance[..., None, None] * nqb
+    idx = np.arange(nqb)
+    block_grad[..., idx, idx] = -block_grad.sum(-1)
+
     f32 = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
     tensors = {
         "block_field": f32(field),
         "block_cost": f32(cost),
+        "block_grad": f32(block_grad),
         "importance": f32(importance),
         "importance_grad": f32(importance * rng.lognormal(0.0, 0.3, shape)),
         "redundancy": f32(redundancy),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -80,11 +81,16 @@ def chunked_attention(
     attention_mask: torch.Tensor | None,
     chunk_elements: int,
     on_chunk: Callable[..., None] | None = None,
+    block_bias: torch.Tensor | None = None,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """The model's attention (the reference) over chunks of queries: (B, Hq, S, D).
 
     A chunk of C queries needs only the first q_start + C keys (causal), so each chunk's probabilities
     are (B, Hq, C, ≤Sk) with B·Hq·C·Sk ≤ chunk_elements. on_chunk(q, k, probs, q_start, out) sees each.
+    block_bias (Hq, NQB, NKB), with block_size: a log-gate β on each block. The probabilities of its pairs
+    are multiplied by e^β and each row renormalised (the same as adding β to their scores before the
+    softmax), so that the gradient of β is the loss's sensitivity to each block; zero changes nothing.
     """
     bsz, heads, s, _ = q.shape
     offset = k.shape[2] - s  # cached keys before the first query (0 in a calibration prefill)
@@ -94,6 +100,16 @@ def chunked_attention(
         stop = min(s, start + rows)
         keys = offset + stop
         mask = None if attention_mask is None else attention_mask[..., start:stop, :keys]
+        if block_bias is not None:  # gate the reference's probabilities and renormalise each row
+            _, probs = module.reference_attention(
+                q[:, :, start:stop], k[:, :, :keys], v[:, :, :keys], mask, return_weights=True
+            )
+            gate = _block_gate(block_bias, block_size, offset + start, offset + stop, keys)
+            gated = probs * gate
+            gated = gated / gated.sum(-1, keepdim=True).clamp_min(torch.finfo(gated.dtype).tiny)
+            values = v[:, :, :keys].float().index_select(1, module.gravity_kv_groups.to(v.device))
+            outs.append((gated @ values).to(q.dtype))
+            continue
         out, probs = module.reference_attention(
             q[:, :, start:stop],
             k[:, :, :keys],
@@ -105,6 +121,15 @@ def chunked_attention(
             on_chunk(q[:, :, start:stop], k[:, :, :keys], probs, offset + start, out)
         outs.append(out)
     return torch.cat(outs, dim=2)
+
+
+def _block_gate(block_bias: torch.Tensor, block_size: int | None, first: int, last: int, keys: int):
+    """exp(block bias) of every (query, key) pair, (1, Hq, last − first, keys): queries first..last−1."""
+    if block_size is None:
+        raise ValueError("a block bias needs its block size")
+    qb = torch.arange(first, last, device=block_bias.device) // block_size
+    kb = torch.arange(keys, device=block_bias.device) // block_size
+    return block_bias[:, qb][:, :, kb].exp().unsqueeze(0)
 
 
 class _Kernels:
@@ -177,29 +202,51 @@ def _quiet(cfg: MeasureConfig) -> bool:
     return not cfg.progress or not dist.is_main()
 
 
-def _grad_importance(model, sequences, cfg, kernels) -> torch.Tensor:
-    """First-order importance [L, H]: mean over sequences of |Σ_tokens ∂loss/∂out_h · out_h|."""
+def _grad_importance(model, sequences, cfg, kernels) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-order head importance [L, H] and block sensitivity [L, H, NQB, NQB], one backward a batch.
+
+    importance: mean over sequences of |Σ_tokens ∂loss/∂out_h · out_h| (the loss change, to first order,
+    of scaling head h's output down). block_grad: mean over sequences of ∂loss/∂β_hb, β_hb a log-gate on
+    every score of block b of head h (`chunked_attention`'s block_bias); dropping the block sets the gate
+    to 0, which changes the loss by ≈ −∂loss/∂β_hb (positive: the block helps; negative: the model is
+    better without it). A query row's blocks sum to zero (a gate shared by a whole row cancels in the
+    softmax).
+    """
     num_layers, heads = len(kernels.layers), kernels.layers[0].num_heads
+    nqb = -(-cfg.seq_len // cfg.block_size)
     total = torch.zeros(num_layers, heads, dtype=torch.float64)
+    block_total = torch.zeros(num_layers, heads, nqb, nqb, dtype=torch.float64)
+    device = model.device
+    biases = [
+        torch.zeros(heads, nqb, nqb, device=device, requires_grad=True) for _ in range(num_layers)
+    ]
     outs: list[torch.Tensor] = []
     recording = True
 
-    def kernel(module, q, k, v, mask):
-        def attend(q, k, v):
-            return chunked_attention(module, q, k, v, mask, cfg.chunk_elements)
+    def kernel(module, q, k, v, mask, bias):
+        def attend(q, k, v, bias):
+            return chunked_attention(
+                module,
+                q,
+                k,
+                v,
+                mask,
+                cfg.chunk_elements,
+                block_bias=bias,
+                block_size=cfg.block_size,
+            )
 
-        if q.requires_grad:  # recompute in the backward: no layer keeps its probabilities
-            out = checkpoint(attend, q, k, v, use_reentrant=False)
-        else:  # nothing upstream needs a gradient (frozen embeddings): this is a leaf
-            out = attend(q, k, v).detach().requires_grad_()
+        # recomputed in the backward: no layer keeps its probabilities (the bias needs a gradient,
+        # so even the first layer, whose input does not, is a node of the graph)
+        out = checkpoint(attend, q, k, v, bias, use_reentrant=False)
         if recording:  # not in the backward's recompute of a layer: that copy would keep its graph
             outs.append(out)
         return out
 
     for layer in range(num_layers):
-        kernels.set(layer, kernel)
+        kernels.set(layer, partial(kernel, bias=biases[layer]))
     for batch in tqdm(_my_batches(sequences, cfg), desc="measure: grad", disable=_quiet(cfg)):
-        ids = batch.to(model.device)
+        ids = batch.to(device)
         outs.clear()
         recording = True
         with torch.enable_grad(), checkpointed_layers(model):
@@ -207,11 +254,14 @@ def _grad_importance(model, sequences, cfg, kernels) -> torch.Tensor:
             targets = list(outs)
             recording = False
             # per-sequence mean losses are independent, so one backward of their sum gives each one's
-            grads = torch.autograd.grad(losses.sum(), targets)
-        for layer, (out, grad) in enumerate(zip(targets, grads, strict=True)):
+            grads = torch.autograd.grad(losses.sum(), targets + biases)
+        for layer, (out, grad) in enumerate(zip(targets, grads[:num_layers], strict=True)):
             per_seq = (grad.float() * out.detach().float()).sum(dim=(2, 3))  # (B, H)
             total[layer] += per_seq.abs().double().sum(0).cpu()
-    return (dist.all_reduce_sum(total) / sequences.shape[0]).float()
+        block_total += torch.stack(grads[num_layers:]).double().cpu()
+    count = sequences.shape[0]
+    importance = (dist.all_reduce_sum(total) / count).float()
+    return importance, (dist.all_reduce_sum(block_total) / count).float()
 
 
 def _capture_layer_inputs(model, ids, kernels, cfg) -> list[tuple[torch.Tensor, dict]]:
@@ -322,9 +372,10 @@ def run_measure(
             loss = _field_pass(model, sequences, cfg, kernels, accs)
             timings["field_s"] = time.perf_counter() - start
             grad_imp = torch.full((num_layers, heads), float("nan"))
+            block_grad = None
             if cfg.importance in ("grad", "both"):
                 start = time.perf_counter()
-                grad_imp = _grad_importance(model, sequences, cfg, kernels)
+                grad_imp, block_grad = _grad_importance(model, sequences, cfg, kernels)
                 timings["grad_s"] = time.perf_counter() - start
             if cfg.importance in ("ablation", "both"):
                 start = time.perf_counter()
@@ -349,6 +400,8 @@ def run_measure(
         alpha_r2=alpha_r2,
         kv_groups=torch.stack([a.gravity_kv_groups.cpu() for a in attns]).long(),
     )
+    if block_grad is not None:
+        tensors["block_grad"] = block_grad
     importance_method = "grad" if cfg.importance == "grad" else "ablation"
     num_tokens = sequences.numel()
     metadata = {

@@ -50,7 +50,9 @@ class SolveConfig:
         default="profile",
         metadata={
             "help": "what a block is worth: profile (the head's distance profile integrated over "
-            "the block, + sink) | kl (share of the row's drop cost −log(1−p)) | mass (block field)"
+            "the block, + sink) | kl (share of the row's drop cost −log(1−p)) | mass (block field) | "
+            "grad (measured first-order loss change of dropping the block, nats, either sign; needs "
+            "measure.importance grad or both)"
         },
     )
     block_scale: str = field(
@@ -110,9 +112,9 @@ class SolveConfig:
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise UserError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
-        if self.block_value not in ("profile", "kl", "mass"):
+        if self.block_value not in ("profile", "kl", "mass", "grad"):
             raise UserError(
-                f"solve.block_value must be profile, kl or mass, got {self.block_value!r}"
+                f"solve.block_value must be profile, kl, mass or grad, got {self.block_value!r}"
             )
         if self.block_scale not in ("importance", "flat"):
             raise UserError(

@@ -46,13 +46,24 @@ class SolveResult:
 
 
 def block_values(field: dict[str, torch.Tensor], kind: str) -> np.ndarray:
-    """(L, H, NQB, NQB) row shares the QUBO's block terms use; each causal row sums to 1.
+    """(L, H, NQB, NQB) what the QUBO's block terms use.
 
-    mass: the block field itself (mean attention mass). kl: each block's share of its row's drop cost
-    −log(1 − p_qb) averaged over the row's queries (measure's `block_cost`): a block that a few queries
-    cannot do without (the previous block, for the first queries of a block) is worth more than its
-    mean mass says.
+    Row shares (each causal row sums to 1, scaled by `build_terms`): mass, the block field itself (mean
+    attention mass); kl, each block's share of its row's drop cost −log(1 − p_qb) averaged over the
+    row's queries (measure's `block_cost`): a block that a few queries cannot do without (the previous
+    block, for the first queries of a block) is worth more than its mean mass says; profile, the head's
+    distance profile (see `profile_field`).
+    Absolute, in nats: grad, −∂loss/∂β per block (measure's `block_grad`), the first-order loss change of
+    dropping it, of either sign: a block the model is better without has a negative value.
     """
+    if kind == "grad":
+        if "block_grad" not in field:
+            raise UserError(
+                "the field has no block_grad (measured with importance=ablation, or by an older "
+                "version): re-run measure with measure.importance=grad or both, or choose another "
+                "solve.block_value"
+            )
+        return -field["block_grad"].double().numpy()
     if kind == "mass":
         return field["block_field"].double().numpy()
     if kind == "profile":
@@ -184,6 +195,7 @@ def solve_field(
         contiguity=cfg.contiguity,
         penalty_margin=cfg.penalty_margin,
         block_scale=cfg.block_scale,
+        absolute=cfg.block_value == "grad",
     )
     components = [head_components(terms, layer) for layer in range(num_layers)]
     heads0 = np.ones((num_layers, num_heads), dtype=bool)

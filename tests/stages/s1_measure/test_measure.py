@@ -341,9 +341,79 @@ def test_grad_importance_keeps_no_layer_graph_from_the_backward_recompute(monkey
     )
     seqs = TOKENS[:64].view(1, 64)
     with measure_mod._Kernels(model) as kernels:
-        imp = measure_mod._grad_importance(model, seqs, cfg, kernels)
+        imp, _ = measure_mod._grad_importance(model, seqs, cfg, kernels)
     assert torch.isfinite(imp).all() and imp.abs().max() > 0
     recompute_calls = len(alive_at_call) - num_layers
     assert recompute_calls >= num_layers - 1  # layer 0 may be a leaf (frozen embeddings)
     # when the last recompute starts, the earlier recomputes' outputs are gone
     assert alive_at_call[-1] == 0, alive_at_call
+
+
+def _loss_with_block_gate(model, ids, layer: int, head: int, qb: int, kb: int, t: float) -> float:
+    """Loss of `model` on ids with log-gate t on block (qb, kb) of head `head` in `layer` (blocks of 16):
+    that block's probabilities times e^t, the row renormalised (written out here, not measure's code)."""
+    attn = model.gravity_layers()[layer]
+
+    def kernel(module, q, k, v, mask):
+        _, probs = gravity_attention_reference(
+            q, k, v, module.gravity_mass_log, attention_mask=mask,
+            kv_groups=module.gravity_kv_groups, return_weights=True,
+        )  # fmt: skip
+        gate = torch.ones_like(probs)
+        gate[:, head, qb * 16 : (qb + 1) * 16, kb * 16 : (kb + 1) * 16] = math.exp(t)
+        gated = probs * gate
+        gated = gated / gated.sum(-1, keepdim=True)
+        return (gated @ v.float().index_select(1, module.gravity_kv_groups)).to(q.dtype)
+
+    attn.gravity_kernel = kernel
+    try:
+        with torch.no_grad():
+            return float(model(input_ids=ids, labels=ids).loss)
+    finally:
+        del attn.gravity_kernel
+
+
+def test_block_grad_is_the_loss_sensitivity_to_a_block_gate(tmp_path):
+    """block_grad[l, h, qb, kb] = d loss / d β at β = 0, β a log-gate on that block's probabilities,
+    by central differences through the reference attention; every query row sums to zero."""
+    model = tiny_model(seed=4)
+    cfg = MeasureConfig(
+        seq_len=64, block_size=16, num_sequences=1, importance="grad", plots=False, progress=False
+    )
+    run_measure(model, TOKENS, cfg, tmp_path)
+    got, _ = read_field(tmp_path / "field.safetensors")
+    grad = got["block_grad"]
+    num_layers, heads = got["importance"].shape
+    assert grad.shape == (num_layers, heads, 4, 4)
+    assert grad.abs().max() > 0
+    assert torch.triu(grad, diagonal=1).abs().max() == 0  # future blocks are never read
+    torch.testing.assert_close(grad.sum(-1), torch.zeros(num_layers, heads, 4), atol=1e-6, rtol=0)
+    ids = TOKENS[:64].view(1, 64)
+    off = torch.tril(torch.ones(4, 4, dtype=torch.bool), diagonal=-1)
+    # the off-diagonal block the loss is most sensitive to, and one of another head and layer
+    top = np.unravel_index(int((grad.abs() * off).flatten().argmax()), grad.shape)
+    other = (1 - min(int(top[0]), 1), (int(top[1]) + 1) % heads, 3, 1)
+    t = 1e-2
+    for block in (tuple(int(x) for x in top), other):
+        slope = (
+            _loss_with_block_gate(model, ids, *block, t)
+            - _loss_with_block_gate(model, ids, *block, -t)
+        ) / (2 * t)
+        assert float(grad[block]) == pytest.approx(slope, rel=2e-2, abs=1e-5), block
+
+
+def test_zero_block_bias_leaves_the_attention_unchanged():
+    from gravity_sparse.stages.s1_measure.measure import chunked_attention
+
+    model = tiny_model(seed=5)
+    attn = model.gravity_layers()[0]
+    torch.manual_seed(0)
+    q = torch.randn(2, attn.num_heads, 40, 32)
+    k = torch.randn(2, attn.num_key_value_heads, 40, 32)
+    v = torch.randn(2, attn.num_key_value_heads, 40, 32)
+    ref = chunked_attention(attn, q, k, v, None, 1 << 20)
+    bias = torch.zeros(attn.num_heads, 3, 3)
+    got = chunked_attention(
+        attn, q, k, v, None, 2 * attn.num_heads * 40 * 7, block_bias=bias, block_size=16
+    )
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

@@ -23,6 +23,7 @@ from gravity_sparse.qubo.formulation import (
     computed_blocks,
     mass_weight,
     objective,
+    offdiag_blocks,
     split_state,
     violations,
 )
@@ -268,3 +269,48 @@ def test_mass_weight_is_relative_to_the_median_head():
     odd = np.array([1.0, 2.0, 3.0])
     np.testing.assert_allclose(mass_weight(odd, 0.1, 1.0)[1], 0.5)  # w = ½ at the median head
     assert np.all(mass_weight(mass, 0.1, 0.0) == 1.0)  # switched off
+
+
+def _off_diagonal_values(field: dict[str, torch.Tensor]) -> np.ndarray:
+    nqb = field["block_field"].shape[-1]
+    qb, kb = offdiag_blocks(nqb)
+    return -field["block_grad"].double().numpy()[..., qb, kb]  # (L, H, NB) nats, either sign
+
+
+def test_grad_block_values_drop_the_blocks_the_model_is_better_without(small_field):
+    """block_value=grad: values in nats of either sign. When fewer blocks are wanted than are worth
+    keeping, no block with a negative value (dropping it lowers the loss) is kept."""
+    field, meta = small_field
+    value = _off_diagonal_values(field)
+    assert (value < 0).any() and (value > 0).any()
+    cfg = SolveConfig(density=0.3, seed=1, exact_layers=1, block_value="grad")
+    result = solve_field(field, meta, cfg)
+    rep = result.report
+    assert rep["constraint_violations"] == 0
+    assert rep["blocks_computed"] == rep["blocks_target"]
+    qb, kb = offdiag_blocks(field["block_field"].shape[-1])
+    kept = result.block_mask.numpy()[..., qb, kb] & result.head_keep.numpy()[..., None]
+    positive = int((value > 0).sum())
+    assert kept.sum() < positive  # the budget is below the blocks worth keeping
+    assert (value[kept] > 0).all()
+    # the annealer is exact on the checked layer here too
+    assert rep["max_gap"] is not None and rep["max_gap"] <= 5e-5
+
+
+def test_grad_block_values_meet_a_budget_above_the_blocks_worth_keeping(small_field):
+    """A budget that must keep blocks of negative value needs a negative block price: still exact."""
+    field, meta = small_field
+    cfg = SolveConfig(density=0.9, seed=1, exact_layers=0, block_value="grad")
+    rep = solve_field(field, meta, cfg).report
+    assert rep["blocks_computed"] == rep["blocks_target"]
+    assert rep["constraint_violations"] == 0 and rep["lambda"] < 0
+
+
+def test_grad_block_values_need_a_measured_block_grad(small_field):
+    field, meta = small_field
+    without = {k: v for k, v in field.items() if k != "block_grad"}
+    with pytest.raises(UserError, match="no block_grad.*measure.importance=grad"):
+        solve_field(without, meta, SolveConfig(density=0.3, block_value="grad"))
+    bad = {**field, "block_grad": field["block_grad"][..., :-1]}
+    with pytest.raises(UserError, match="block_grad has shape"):
+        solve_field(bad, meta, SolveConfig(density=0.3, block_value="grad"))
