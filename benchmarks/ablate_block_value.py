@@ -33,6 +33,7 @@ from gravity_sparse.stages.s2_solve.solve import solve_field  # noqa: E402
 from gravity_sparse.stages.s3_apply.apply import sparse_loss  # noqa: E402
 
 VARIANTS = [(v, s) for v in ("profile", "kl", "mass") for s in ("flat", "importance")]
+VARIANTS.append(("grad", "flat"))  # absolute values in nats: block_scale does not apply
 
 
 SMOKE = [
@@ -56,6 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measure a tiny field first (into --out's folder), short windows: seconds (tests)",
     )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="block_value[:block_scale] to run (default: all; the first also runs the baselines)",
+    )
+    p.add_argument(
+        "--densities", nargs="+", type=float, default=None, help="default: the config's density"
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     overrides = list(args.overrides)
@@ -76,43 +86,53 @@ def main(argv: list[str] | None = None) -> int:
     block, length = int(meta["block_size"]), int(meta["seq_len"])
     rows = [{"pattern": "dense", "loss": sparse_loss(model, None, ids, cfg.apply)[0]}]
     start = time.perf_counter()
-    for value, scale in VARIANTS[:2] if args.smoke else VARIANTS:
-        solve_cfg = dataclasses.replace(
-            cfg.solve,
-            block_value=value,
-            block_scale=scale,
-            exact_layers=0,
-            baselines=["window", "uniform", "greedy", "random"]
-            if (value, scale) == VARIANTS[0]
-            else [],
-        )
-        result = solve_field(tensors, meta, solve_cfg)
-        patterns = {
-            f"qubo block_value={value} block_scale={scale}": (result.head_keep, result.block_mask)
-        }
-        patterns.update({f"baseline {k}": v for k, v in result.baselines.items()})
-        for name, (hk, bm) in patterns.items():
-            masks = Masks(hk, bm, block, length, name)
-            loss = sparse_loss(model, masks, ids, cfg.apply)[0]
-            rows.append(
-                {
-                    "pattern": name,
-                    "density": masks.density(),
-                    "heads_kept": masks.heads_kept(),
-                    "loss": loss,
-                }
+    variants = [*VARIANTS[:2], VARIANTS[-1]] if args.smoke else VARIANTS
+    if args.variants:
+        variants = [tuple((v.split(":") + ["flat"])[:2]) for v in args.variants]
+    for density in args.densities or [cfg.solve.density]:
+        for value, scale in variants:
+            solve_cfg = dataclasses.replace(
+                cfg.solve,
+                density=density,
+                block_value=value,
+                block_scale=scale,
+                exact_layers=0,
+                baselines=["window", "uniform", "greedy", "random"]
+                if (value, scale) == variants[0]
+                else [],
             )
-            print(
-                f"{name:45s} density {masks.density():.4f} heads {masks.heads_kept()} loss {loss:.4f}",
-                flush=True,
-            )
+            result = solve_field(tensors, meta, solve_cfg)
+            patterns = {
+                f"qubo block_value={value} block_scale={scale}": (
+                    result.head_keep,
+                    result.block_mask,
+                )
+            }
+            patterns.update({f"baseline {k}": v for k, v in result.baselines.items()})
+            for name, (hk, bm) in patterns.items():
+                masks = Masks(hk, bm, block, length, name)
+                loss = sparse_loss(model, masks, ids, cfg.apply)[0]
+                rows.append(
+                    {
+                        "pattern": name,
+                        "density_target": density,
+                        "density": masks.density(),
+                        "heads_kept": masks.heads_kept(),
+                        "loss": loss,
+                    }
+                )
+                print(
+                    f"{name:45s} density {masks.density():.4f} heads {masks.heads_kept()} "
+                    f"loss {loss:.4f}",
+                    flush=True,
+                )
     dense = rows[0]["loss"]
     result = {
         "command": " ".join(sys.argv),
         "provenance": provenance({"config": args.config, "overrides": overrides}),
         "smoke": args.smoke,
         "config": {
-            "density": cfg.solve.density,
+            "density": args.densities or [cfg.solve.density],
             "head_drop": cfg.solve.head_drop,
             "eval_text": cfg.apply.eval_text,
             "eval_max_tokens": cfg.apply.max_tokens,
@@ -124,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"Held-out loss (nats/token), unhealed, at density {cfg.solve.density} with head_drop "
+        f"Held-out loss (nats/token), unhealed, at density "
+        f"{', '.join(str(d) for d in args.densities or [cfg.solve.density])} with head_drop "
         f"{cfg.solve.head_drop}; dense {dense:.4f}. Command: `{result['command']}`",
         "",
         "| pattern | density | heads kept | loss | vs dense |",

@@ -132,6 +132,7 @@ def test_ablate_block_value_smoke(tmp_path):
     payload = json.loads(out.with_suffix(".json").read_text())
     _provenance_ok(payload["provenance"])
     assert payload["rows"][0]["pattern"] == "dense" and len(payload["rows"]) > 3
+    assert any("block_value=grad" in r["pattern"] for r in payload["rows"])
 
 
 @pytest.mark.slow
