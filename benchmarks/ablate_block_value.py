@@ -33,7 +33,7 @@ from gravity_sparse.stages.s2_solve.solve import solve_field  # noqa: E402
 from gravity_sparse.stages.s3_apply.apply import sparse_loss  # noqa: E402
 
 VARIANTS = [(v, s) for v in ("profile", "kl", "mass") for s in ("flat", "importance")]
-VARIANTS.append(("grad", "flat"))  # absolute values in nats: block_scale does not apply
+VARIANTS += [("grad", "flat"), ("grad_abs", "flat")]  # absolute values in nats: no block_scale
 
 
 SMOKE = [
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     block, length = int(meta["block_size"]), int(meta["seq_len"])
     rows = [{"pattern": "dense", "loss": sparse_loss(model, None, ids, cfg.apply)[0]}]
     start = time.perf_counter()
-    variants = [*VARIANTS[:2], VARIANTS[-1]] if args.smoke else VARIANTS
+    variants = [*VARIANTS[:2], *VARIANTS[-2:]] if args.smoke else VARIANTS
     if args.variants:
         variants = [tuple((v.split(":") + ["flat"])[:2]) for v in args.variants]
     for density in args.densities or [cfg.solve.density]:

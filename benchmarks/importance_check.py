@@ -76,7 +76,7 @@ def run(model_path: str | None, layers: list[int], sequences: int, seq_len: int,
     times = {}
     with _Kernels(model) as kernels:
         start = time.perf_counter()
-        grad, _ = _grad_importance(model, seqs, cfg, kernels)
+        grad, _, _ = _grad_importance(model, seqs, cfg, kernels)
         times["grad_s"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
         abl = _ablation_importance(model, seqs, cfg, kernels, only=layers)

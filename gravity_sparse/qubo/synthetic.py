@@ -89,6 +89,7 @@ def synthetic_field(
         "block_field": f32(field),
         "block_cost": f32(cost),
         "block_grad": f32(block_grad),
+        "block_grad_abs": f32(np.abs(block_grad) * 1.5),
         "importance": f32(importance),
         "importance_grad": f32(importance * rng.lognormal(0.0, 0.3, shape)),
         "redundancy": f32(redundancy),

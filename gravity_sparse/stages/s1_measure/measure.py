@@ -88,7 +88,7 @@ def chunked_attention(
 
     A chunk of C queries needs only the first q_start + C keys (causal), so each chunk's probabilities
     are (B, Hq, C, ≤Sk) with B·Hq·C·Sk ≤ chunk_elements. on_chunk(q, k, probs, q_start, out) sees each.
-    block_bias (Hq, NQB, NKB), with block_size: a log-gate β on each block. The probabilities of its pairs
+    block_bias (Hq, NQB, NKB) or (B, Hq, NQB, NKB), with block_size: a log-gate β on each block. The probabilities of its pairs
     are multiplied by e^β and each row renormalised (the same as adding β to their scores before the
     softmax), so that the gradient of β is the loss's sensitivity to each block; zero changes nothing.
     """
@@ -124,12 +124,14 @@ def chunked_attention(
 
 
 def _block_gate(block_bias: torch.Tensor, block_size: int | None, first: int, last: int, keys: int):
-    """exp(block bias) of every (query, key) pair, (1, Hq, last − first, keys): queries first..last−1."""
+    """exp(block bias) of every (query, key) pair, (1|B, Hq, last − first, keys), queries first..last−1;
+    block_bias (Hq, NQB, NKB) for every sequence or (B, Hq, NQB, NKB) one for each."""
     if block_size is None:
         raise ValueError("a block bias needs its block size")
+    bias = block_bias if block_bias.dim() == 4 else block_bias.unsqueeze(0)
     qb = torch.arange(first, last, device=block_bias.device) // block_size
     kb = torch.arange(keys, device=block_bias.device) // block_size
-    return block_bias[:, qb][:, :, kb].exp().unsqueeze(0)
+    return bias[:, :, qb][:, :, :, kb].exp()
 
 
 class _Kernels:
@@ -202,7 +204,9 @@ def _quiet(cfg: MeasureConfig) -> bool:
     return not cfg.progress or not dist.is_main()
 
 
-def _grad_importance(model, sequences, cfg, kernels) -> tuple[torch.Tensor, torch.Tensor]:
+def _grad_importance(
+    model, sequences, cfg, kernels
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """First-order head importance [L, H] and block sensitivity [L, H, NQB, NQB], one backward a batch.
 
     importance: mean over sequences of |Σ_tokens ∂loss/∂out_h · out_h| (the loss change, to first order,
@@ -210,16 +214,16 @@ def _grad_importance(model, sequences, cfg, kernels) -> tuple[torch.Tensor, torc
     every score of block b of head h (`chunked_attention`'s block_bias); dropping the block sets the gate
     to 0, which changes the loss by ≈ −∂loss/∂β_hb (positive: the block helps; negative: the model is
     better without it). A query row's blocks sum to zero (a gate shared by a whole row cancels in the
-    softmax).
+    softmax). block_grad_abs: mean over sequences of |∂loss_s/∂β_hb|, each sequence's own gradient — how
+    much the loss depends on the block at all (a trained model sits near a stationary point, where the
+    signed mean cancels to noise while single sequences still depend on the block).
     """
     num_layers, heads = len(kernels.layers), kernels.layers[0].num_heads
     nqb = -(-cfg.seq_len // cfg.block_size)
     total = torch.zeros(num_layers, heads, dtype=torch.float64)
     block_total = torch.zeros(num_layers, heads, nqb, nqb, dtype=torch.float64)
+    block_abs = torch.zeros_like(block_total)
     device = model.device
-    biases = [
-        torch.zeros(heads, nqb, nqb, device=device, requires_grad=True) for _ in range(num_layers)
-    ]
     outs: list[torch.Tensor] = []
     recording = True
 
@@ -243,10 +247,15 @@ def _grad_importance(model, sequences, cfg, kernels) -> tuple[torch.Tensor, torc
             outs.append(out)
         return out
 
-    for layer in range(num_layers):
-        kernels.set(layer, partial(kernel, bias=biases[layer]))
     for batch in tqdm(_my_batches(sequences, cfg), desc="measure: grad", disable=_quiet(cfg)):
         ids = batch.to(device)
+        # a gate per sequence: each sequence's own gradient (for the mean of |.| over sequences)
+        biases = [
+            torch.zeros(ids.shape[0], heads, nqb, nqb, device=device, requires_grad=True)
+            for _ in range(num_layers)
+        ]
+        for layer in range(num_layers):
+            kernels.set(layer, partial(kernel, bias=biases[layer]))
         outs.clear()
         recording = True
         with torch.enable_grad(), checkpointed_layers(model):
@@ -258,10 +267,13 @@ def _grad_importance(model, sequences, cfg, kernels) -> tuple[torch.Tensor, torc
         for layer, (out, grad) in enumerate(zip(targets, grads[:num_layers], strict=True)):
             per_seq = (grad.float() * out.detach().float()).sum(dim=(2, 3))  # (B, H)
             total[layer] += per_seq.abs().double().sum(0).cpu()
-        block_total += torch.stack(grads[num_layers:]).double().cpu()
+        per_seq_blocks = torch.stack(grads[num_layers:]).double().cpu()  # (L, B, H, NQB, NQB)
+        block_total += per_seq_blocks.sum(1)
+        block_abs += per_seq_blocks.abs().sum(1)
     count = sequences.shape[0]
     importance = (dist.all_reduce_sum(total) / count).float()
-    return importance, (dist.all_reduce_sum(block_total) / count).float()
+    block_grad = (dist.all_reduce_sum(block_total) / count).float()
+    return importance, block_grad, (dist.all_reduce_sum(block_abs) / count).float()
 
 
 def _capture_layer_inputs(model, ids, kernels, cfg) -> list[tuple[torch.Tensor, dict]]:
@@ -372,10 +384,12 @@ def run_measure(
             loss = _field_pass(model, sequences, cfg, kernels, accs)
             timings["field_s"] = time.perf_counter() - start
             grad_imp = torch.full((num_layers, heads), float("nan"))
-            block_grad = None
+            block_grad = block_grad_abs = None
             if cfg.importance in ("grad", "both"):
                 start = time.perf_counter()
-                grad_imp, block_grad = _grad_importance(model, sequences, cfg, kernels)
+                grad_imp, block_grad, block_grad_abs = _grad_importance(
+                    model, sequences, cfg, kernels
+                )
                 timings["grad_s"] = time.perf_counter() - start
             if cfg.importance in ("ablation", "both"):
                 start = time.perf_counter()
@@ -401,7 +415,7 @@ def run_measure(
         kv_groups=torch.stack([a.gravity_kv_groups.cpu() for a in attns]).long(),
     )
     if block_grad is not None:
-        tensors["block_grad"] = block_grad
+        tensors.update(block_grad=block_grad, block_grad_abs=block_grad_abs)
     importance_method = "grad" if cfg.importance == "grad" else "ablation"
     num_tokens = sequences.numel()
     metadata = {

@@ -9,7 +9,15 @@ from gravity_sparse.errors import UserError
 from gravity_sparse.qubo.limits import MAX_BLOCK_VARIABLES
 from gravity_sparse.qubo.registry import BASELINES, BRUTE_FORCE_MAX
 
-DEFAULT_EPS = 0.1  # GravityConfig's gravity_eps default (a model without the key has this ε)
+DEFAULT_EPS = 0.1
+# what a block is worth: row shares of a measured field, or measured loss changes in nats (absolute)
+ABSOLUTE_BLOCK_VALUES = ("grad", "grad_abs")
+BLOCK_VALUES = (
+    "profile",
+    "kl",
+    "mass",
+    *ABSOLUTE_BLOCK_VALUES,
+)  # GravityConfig's gravity_eps default (a model without the key has this ε)
 
 
 @dataclass
@@ -51,8 +59,8 @@ class SolveConfig:
         metadata={
             "help": "what a block is worth: profile (the head's distance profile integrated over "
             "the block, + sink) | kl (share of the row's drop cost −log(1−p)) | mass (block field) | "
-            "grad (measured first-order loss change of dropping the block, nats, either sign; needs "
-            "measure.importance grad or both)"
+            "grad (measured first-order loss change of dropping the block, nats, either sign) | "
+            "grad_abs (its mean magnitude per sequence); both need measure.importance grad or both"
         },
     )
     block_scale: str = field(
@@ -112,9 +120,9 @@ class SolveConfig:
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise UserError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
-        if self.block_value not in ("profile", "kl", "mass", "grad"):
+        if self.block_value not in BLOCK_VALUES:
             raise UserError(
-                f"solve.block_value must be profile, kl, mass or grad, got {self.block_value!r}"
+                f"solve.block_value must be one of {', '.join(BLOCK_VALUES)}, got {self.block_value!r}"
             )
         if self.block_scale not in ("importance", "flat"):
             raise UserError(

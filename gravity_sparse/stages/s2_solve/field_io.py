@@ -38,14 +38,16 @@ def validate_field(tensors: dict[str, torch.Tensor], meta: dict[str, str], where
             raise UserError(
                 f"{where}: {key} has shape {tuple(tensors[key].shape)}, metadata implies {shape}"
             )
-    if "block_grad" in tensors:  # optional: measured with grad importance
-        if tuple(tensors["block_grad"].shape) != expected["block_field"]:
+    for key in ("block_grad", "block_grad_abs"):  # optional: measured with grad importance
+        if key not in tensors:
+            continue
+        if tuple(tensors[key].shape) != expected["block_field"]:
             raise UserError(
-                f"{where}: block_grad has shape {tuple(tensors['block_grad'].shape)}, metadata "
+                f"{where}: {key} has shape {tuple(tensors[key].shape)}, metadata "
                 f"implies {expected['block_field']}"
             )
-        if not torch.isfinite(tensors["block_grad"]).all():
-            raise UserError(f"{where}: block_grad holds non-finite values")
+        if not torch.isfinite(tensors[key]).all():
+            raise UserError(f"{where}: {key} holds non-finite values")
     groups = tensors["kv_groups"]
     if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= dims["num_kv_heads"]):
         raise UserError(f"{where}: kv_groups index a KV head outside 0..{dims['num_kv_heads'] - 1}")

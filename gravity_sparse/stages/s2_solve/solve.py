@@ -31,7 +31,12 @@ from gravity_sparse.qubo.formulation import (
 )
 from gravity_sparse.qubo.limits import check_solve_size
 from gravity_sparse.qubo.profile import profile_field
-from gravity_sparse.stages.s2_solve.config import DEFAULT_EPS, SolveConfig, resolve_eps
+from gravity_sparse.stages.s2_solve.config import (
+    ABSOLUTE_BLOCK_VALUES,
+    DEFAULT_EPS,
+    SolveConfig,
+    resolve_eps,
+)
 from gravity_sparse.stages.s2_solve.field_io import validate_field
 
 
@@ -54,16 +59,19 @@ def block_values(field: dict[str, torch.Tensor], kind: str) -> np.ndarray:
     block, for the first queries of a block) is worth more than its mean mass says; profile, the head's
     distance profile (see `profile_field`).
     Absolute, in nats: grad, −∂loss/∂β per block (measure's `block_grad`), the first-order loss change of
-    dropping it, of either sign: a block the model is better without has a negative value.
+    dropping it, of either sign: a block the model is better without has a negative value; grad_abs,
+    the mean over sequences of |∂loss_s/∂β| (`block_grad_abs`), the first-order saliency.
     """
-    if kind == "grad":
-        if "block_grad" not in field:
+    if kind in ABSOLUTE_BLOCK_VALUES:
+        key = "block_grad" if kind == "grad" else "block_grad_abs"
+        if key not in field:
             raise UserError(
-                "the field has no block_grad (measured with importance=ablation, or by an older "
+                f"the field has no {key} (measured with importance=ablation, or by an older "
                 "version): re-run measure with measure.importance=grad or both, or choose another "
                 "solve.block_value"
             )
-        return -field["block_grad"].double().numpy()
+        values = field[key].double().numpy()
+        return -values if kind == "grad" else values
     if kind == "mass":
         return field["block_field"].double().numpy()
     if kind == "profile":
@@ -195,7 +203,7 @@ def solve_field(
         contiguity=cfg.contiguity,
         penalty_margin=cfg.penalty_margin,
         block_scale=cfg.block_scale,
-        absolute=cfg.block_value == "grad",
+        absolute=cfg.block_value in ABSOLUTE_BLOCK_VALUES,
     )
     components = [head_components(terms, layer) for layer in range(num_layers)]
     heads0 = np.ones((num_layers, num_heads), dtype=bool)

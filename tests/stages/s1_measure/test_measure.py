@@ -341,7 +341,7 @@ def test_grad_importance_keeps_no_layer_graph_from_the_backward_recompute(monkey
     )
     seqs = TOKENS[:64].view(1, 64)
     with measure_mod._Kernels(model) as kernels:
-        imp, _ = measure_mod._grad_importance(model, seqs, cfg, kernels)
+        imp, _, _ = measure_mod._grad_importance(model, seqs, cfg, kernels)
     assert torch.isfinite(imp).all() and imp.abs().max() > 0
     recompute_calls = len(alive_at_call) - num_layers
     assert recompute_calls >= num_layers - 1  # layer 0 may be a leaf (frozen embeddings)
@@ -417,3 +417,25 @@ def test_zero_block_bias_leaves_the_attention_unchanged():
         attn, q, k, v, None, 2 * attn.num_heads * 40 * 7, block_bias=bias, block_size=16
     )
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_block_grad_abs_is_the_mean_magnitude_of_each_sequences_gradient(tmp_path):
+    """Two sequences in one batch: block_grad is the mean of their gradients, block_grad_abs the mean of
+    their magnitudes, each equal to what each sequence measured alone gives."""
+    model = tiny_model(seed=6)
+    cfg = MeasureConfig(
+        seq_len=64, block_size=16, num_sequences=2, batch_size=2, importance="grad", plots=False,
+        progress=False,
+    )  # fmt: skip
+    run_measure(model, TOKENS[:128], cfg, tmp_path / "both")
+    both, _ = read_field(tmp_path / "both" / "field.safetensors")
+    alone = []
+    for i in range(2):
+        one = MeasureConfig(**{**cfg.__dict__, "num_sequences": 1, "batch_size": 1})
+        run_measure(model, TOKENS[64 * i : 64 * (i + 1)], one, tmp_path / str(i))
+        alone.append(read_field(tmp_path / str(i) / "field.safetensors")[0]["block_grad"])
+    assert (alone[0] - alone[1]).abs().max() > 1e-6  # the two sequences differ
+    torch.testing.assert_close(both["block_grad"], (alone[0] + alone[1]) / 2, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        both["block_grad_abs"], (alone[0].abs() + alone[1].abs()) / 2, rtol=1e-4, atol=1e-7
+    )
