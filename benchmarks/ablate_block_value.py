@@ -41,6 +41,7 @@ SMOKE = [
     "measure.block_size=8",
     "measure.num_sequences=2",
     "measure.importance=grad",
+    "measure.block_grad=true",
     "solve.num_sweeps=50",
     "apply.seq_len=64",
     "apply.max_tokens=128",

@@ -23,7 +23,8 @@ NON_DEFAULT = {
     ModelConfig: dict(path="some/model", dtype="bfloat16", device="cpu"),
     MeasureConfig: dict(
         seq_len=256, block_size=32, num_sequences=5, batch_size=3, importance="grad",
-        ablation_sequences=2, ablation_group=2, chunk_elements=1000, plots=False, progress=False,
+        ablation_sequences=2, ablation_group=2, block_grad=True, chunk_elements=1000, plots=False,
+        progress=False,
     ),
     SolveConfig: dict(
         density=0.4, head_drop=0.1, seed=3, num_reads=2, num_sweeps=50, beta_range=[0.1, 10.0],

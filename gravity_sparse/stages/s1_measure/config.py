@@ -27,6 +27,13 @@ class MeasureConfig:
     ablation_group: int = field(
         default=0, metadata={"help": "heads ablated per forward (0 = all heads of a layer)"}
     )
+    block_grad: bool = field(
+        default=False,
+        metadata={
+            "help": "with grad importance, also the loss's gradient for a gate on every block "
+            "(block_grad, block_grad_abs: solve.block_value grad / grad_abs); costs the grad pass more"
+        },
+    )
     chunk_elements: int = field(
         default=1 << 26,
         metadata={"help": "max elements of one attention-probability chunk (queries are chunked)"},
@@ -46,5 +53,7 @@ class MeasureConfig:
                 f"measure.importance must be one of {', '.join(IMPORTANCE_METHODS)}, "
                 f"got {self.importance!r}"
             )
+        if self.block_grad and self.importance == "ablation":
+            raise UserError("measure.block_grad needs measure.importance grad or both")
         if self.importance != "grad" and self.ablation_sequences == 0:
             raise UserError("measure.importance needs ablation but measure.ablation_sequences is 0")

@@ -88,9 +88,10 @@ def chunked_attention(
 
     A chunk of C queries needs only the first q_start + C keys (causal), so each chunk's probabilities
     are (B, Hq, C, ≤Sk) with B·Hq·C·Sk ≤ chunk_elements. on_chunk(q, k, probs, q_start, out) sees each.
-    block_bias (Hq, NQB, NKB) or (B, Hq, NQB, NKB), with block_size: a log-gate β on each block. The probabilities of its pairs
-    are multiplied by e^β and each row renormalised (the same as adding β to their scores before the
-    softmax), so that the gradient of β is the loss's sensitivity to each block; zero changes nothing.
+    block_bias (Hq, NQB, NKB) or (B, Hq, NQB, NKB), with block_size: a log-gate β on each block. The
+    probabilities of its pairs are multiplied by e^β and each row renormalised (the same as adding β to
+    their scores before the softmax), so that the gradient of β is the loss's sensitivity to each block;
+    zero changes nothing.
     """
     bsz, heads, s, _ = q.shape
     offset = k.shape[2] - s  # cached keys before the first query (0 in a calibration prefill)
@@ -206,8 +207,9 @@ def _quiet(cfg: MeasureConfig) -> bool:
 
 def _grad_importance(
     model, sequences, cfg, kernels
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """First-order head importance [L, H] and block sensitivity [L, H, NQB, NQB], one backward a batch.
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """First-order head importance [L, H] and, with `cfg.block_grad`, block sensitivities
+    [L, H, NQB, NQB] (None without), one backward a batch.
 
     importance: mean over sequences of |Σ_tokens ∂loss/∂out_h · out_h| (the loss change, to first order,
     of scaling head h's output down). block_grad: mean over sequences of ∂loss/∂β_hb, β_hb a log-gate on
@@ -221,8 +223,10 @@ def _grad_importance(
     num_layers, heads = len(kernels.layers), kernels.layers[0].num_heads
     nqb = -(-cfg.seq_len // cfg.block_size)
     total = torch.zeros(num_layers, heads, dtype=torch.float64)
-    block_total = torch.zeros(num_layers, heads, nqb, nqb, dtype=torch.float64)
-    block_abs = torch.zeros_like(block_total)
+    block_total = block_abs = None
+    if cfg.block_grad:
+        block_total = torch.zeros(num_layers, heads, nqb, nqb, dtype=torch.float64)
+        block_abs = torch.zeros_like(block_total)
     device = model.device
     outs: list[torch.Tensor] = []
     recording = True
@@ -240,9 +244,11 @@ def _grad_importance(
                 block_size=cfg.block_size,
             )
 
-        # recomputed in the backward: no layer keeps its probabilities (the bias needs a gradient,
-        # so even the first layer, whose input does not, is a node of the graph)
-        out = checkpoint(attend, q, k, v, bias, use_reentrant=False)
+        if bias is None and not q.requires_grad:
+            # nothing upstream needs a gradient (frozen embeddings): this is a leaf
+            out = attend(q, k, v, None).detach().requires_grad_()
+        else:  # recomputed in the backward: no layer keeps its probabilities
+            out = checkpoint(attend, q, k, v, bias, use_reentrant=False)
         if recording:  # not in the backward's recompute of a layer: that copy would keep its graph
             outs.append(out)
         return out
@@ -252,10 +258,10 @@ def _grad_importance(
         # a gate per sequence: each sequence's own gradient (for the mean of |.| over sequences)
         biases = [
             torch.zeros(ids.shape[0], heads, nqb, nqb, device=device, requires_grad=True)
-            for _ in range(num_layers)
+            for _ in range(num_layers if cfg.block_grad else 0)
         ]
         for layer in range(num_layers):
-            kernels.set(layer, partial(kernel, bias=biases[layer]))
+            kernels.set(layer, partial(kernel, bias=biases[layer] if biases else None))
         outs.clear()
         recording = True
         with torch.enable_grad(), checkpointed_layers(model):
@@ -267,11 +273,14 @@ def _grad_importance(
         for layer, (out, grad) in enumerate(zip(targets, grads[:num_layers], strict=True)):
             per_seq = (grad.float() * out.detach().float()).sum(dim=(2, 3))  # (B, H)
             total[layer] += per_seq.abs().double().sum(0).cpu()
-        per_seq_blocks = torch.stack(grads[num_layers:]).double().cpu()  # (L, B, H, NQB, NQB)
-        block_total += per_seq_blocks.sum(1)
-        block_abs += per_seq_blocks.abs().sum(1)
+        if biases:
+            per_seq_blocks = torch.stack(grads[num_layers:]).double().cpu()  # (L, B, H, NQB, NQB)
+            block_total += per_seq_blocks.sum(1)
+            block_abs += per_seq_blocks.abs().sum(1)
     count = sequences.shape[0]
     importance = (dist.all_reduce_sum(total) / count).float()
+    if not cfg.block_grad:
+        return importance, None, None
     block_grad = (dist.all_reduce_sum(block_total) / count).float()
     return importance, block_grad, (dist.all_reduce_sum(block_abs) / count).float()
 

@@ -9,15 +9,10 @@ from gravity_sparse.errors import UserError
 from gravity_sparse.qubo.limits import MAX_BLOCK_VARIABLES
 from gravity_sparse.qubo.registry import BASELINES, BRUTE_FORCE_MAX
 
-DEFAULT_EPS = 0.1
+DEFAULT_EPS = 0.1  # GravityConfig's gravity_eps default (a model without the key has this ε)
 # what a block is worth: row shares of a measured field, or measured loss changes in nats (absolute)
 ABSOLUTE_BLOCK_VALUES = ("grad", "grad_abs")
-BLOCK_VALUES = (
-    "profile",
-    "kl",
-    "mass",
-    *ABSOLUTE_BLOCK_VALUES,
-)  # GravityConfig's gravity_eps default (a model without the key has this ε)
+BLOCK_VALUES = ("profile", "kl", "mass", *ABSOLUTE_BLOCK_VALUES)
 
 
 @dataclass
@@ -60,7 +55,7 @@ class SolveConfig:
             "help": "what a block is worth: profile (the head's distance profile integrated over "
             "the block, + sink) | kl (share of the row's drop cost −log(1−p)) | mass (block field) | "
             "grad (measured first-order loss change of dropping the block, nats, either sign) | "
-            "grad_abs (its mean magnitude per sequence); both need measure.importance grad or both"
+            "grad_abs (its mean magnitude per sequence); both need measure.block_grad"
         },
     )
     block_scale: str = field(

@@ -66,9 +66,8 @@ def block_values(field: dict[str, torch.Tensor], kind: str) -> np.ndarray:
         key = "block_grad" if kind == "grad" else "block_grad_abs"
         if key not in field:
             raise UserError(
-                f"the field has no {key} (measured with importance=ablation, or by an older "
-                "version): re-run measure with measure.importance=grad or both, or choose another "
-                "solve.block_value"
+                f"the field has no {key}: re-run measure with measure.block_grad=true (and "
+                "measure.importance grad or both), or choose another solve.block_value"
             )
         values = field[key].double().numpy()
         return -values if kind == "grad" else values

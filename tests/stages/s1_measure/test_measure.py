@@ -378,8 +378,9 @@ def test_block_grad_is_the_loss_sensitivity_to_a_block_gate(tmp_path):
     by central differences through the reference attention; every query row sums to zero."""
     model = tiny_model(seed=4)
     cfg = MeasureConfig(
-        seq_len=64, block_size=16, num_sequences=1, importance="grad", plots=False, progress=False
-    )
+        seq_len=64, block_size=16, num_sequences=1, importance="grad", block_grad=True, plots=False,
+        progress=False,
+    )  # fmt: skip
     run_measure(model, TOKENS, cfg, tmp_path)
     got, _ = read_field(tmp_path / "field.safetensors")
     grad = got["block_grad"]
@@ -424,8 +425,8 @@ def test_block_grad_abs_is_the_mean_magnitude_of_each_sequences_gradient(tmp_pat
     their magnitudes, each equal to what each sequence measured alone gives."""
     model = tiny_model(seed=6)
     cfg = MeasureConfig(
-        seq_len=64, block_size=16, num_sequences=2, batch_size=2, importance="grad", plots=False,
-        progress=False,
+        seq_len=64, block_size=16, num_sequences=2, batch_size=2, importance="grad",
+        block_grad=True, plots=False, progress=False,
     )  # fmt: skip
     run_measure(model, TOKENS[:128], cfg, tmp_path / "both")
     both, _ = read_field(tmp_path / "both" / "field.safetensors")
@@ -439,3 +440,15 @@ def test_block_grad_abs_is_the_mean_magnitude_of_each_sequences_gradient(tmp_pat
     torch.testing.assert_close(
         both["block_grad_abs"], (alone[0].abs() + alone[1].abs()) / 2, rtol=1e-4, atol=1e-7
     )
+
+
+def test_block_grad_is_opt_in_and_needs_a_gradient_pass(tmp_path):
+    model = tiny_model(seed=7)
+    cfg = MeasureConfig(
+        seq_len=64, block_size=16, num_sequences=1, importance="grad", plots=False, progress=False
+    )
+    run_measure(model, TOKENS, cfg, tmp_path)
+    got, _ = read_field(tmp_path / "field.safetensors")
+    assert "block_grad" not in got and "block_grad_abs" not in got
+    with pytest.raises(UserError, match="block_grad needs measure.importance grad or both"):
+        MeasureConfig(importance="ablation", block_grad=True)
