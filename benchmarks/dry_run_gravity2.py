@@ -33,6 +33,7 @@ import datetime as dt
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -260,7 +261,12 @@ def in_child(args: argparse.Namespace, stage: str, seq_len: int | None = None) -
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
-        return {"stage": stage, "status": "failed", "error": proc.stderr.strip()[-2000:]}
+        error = proc.stderr.strip()[-2000:]
+        if proc.returncode < 0:  # a signal: SIGKILL with no output is the kernel's OOM killer
+            name = signal.Signals(-proc.returncode).name
+            oom = " (out of memory, most likely: see dmesg)" if name == "SIGKILL" else ""
+            error = f"killed by {name}{oom}" + (f"; stderr: {error}" if error else "")
+        return {"stage": stage, "status": "failed", "error": error}
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "status": "ok"}
 
 

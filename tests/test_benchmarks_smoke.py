@@ -281,3 +281,16 @@ def test_far_blocks_counts_long_range_blocks_per_head_and_ranks_them(tmp_path):
     ]
     assert f["top"][0]["mass_rank"] == 1 and f["top"][0]["alpha_rank_low"] == 1
     assert f["spearman_far_vs_mass"] > 0.5 and f["spearman_far_vs_alpha"] < -0.5
+
+
+def test_dry_run_names_a_stage_killed_by_a_signal(monkeypatch):
+    """A stage the OOM killer ends leaves no stderr: the record must still say what happened."""
+    import subprocess
+
+    mod = _script("dry_run_gravity2")
+    args = mod.parse_args(["--smoke"])
+    args.passthrough = []
+    killed = subprocess.CompletedProcess([], returncode=-9, stdout="", stderr="")
+    monkeypatch.setattr(mod.subprocess, "run", lambda *a, **k: killed)
+    got = mod.in_child(args, "bench")
+    assert got["status"] == "failed" and got["error"].startswith("killed by SIGKILL (out of memory")

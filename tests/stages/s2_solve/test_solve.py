@@ -309,7 +309,9 @@ def test_grad_block_values_meet_a_budget_above_the_blocks_worth_keeping(small_fi
 def test_grad_block_values_need_a_measured_block_grad(small_field):
     field, meta = small_field
     without = {k: v for k, v in field.items() if k != "block_grad"}
-    with pytest.raises(UserError, match="no block_grad: re-run measure with measure.block_grad=true"):
+    with pytest.raises(
+        UserError, match="no block_grad: re-run measure with measure.block_grad=true"
+    ):
         solve_field(without, meta, SolveConfig(density=0.3, block_value="grad"))
     bad = {**field, "block_grad": field["block_grad"][..., :-1]}
     with pytest.raises(UserError, match="block_grad has shape"):
