@@ -186,7 +186,10 @@ def stage_export(args: argparse.Namespace, holder: list, work: Path) -> dict[str
     }
 
 
-def stage_bench(args: argparse.Namespace, model, work: Path) -> dict[str, Any]:
+def stage_bench(args: argparse.Namespace, holder: list, work: Path) -> dict[str, Any]:
+    """holder: [model], handed to run_bench as the only reference: the export variant alone (dense and
+    sparse pruned copies) is timed, and the original is freed once they exist — the in-pipeline and
+    checkpoint variants would keep 3 to 5 models of 6 GB alive at 36 layers."""
     from gravity_sparse.model.masks import read_masks
     from gravity_sparse.stages.s6_bench.bench import run_bench, write_bench
     from gravity_sparse.stages.s6_bench.config import BenchConfig
@@ -198,8 +201,9 @@ def stage_bench(args: argparse.Namespace, model, work: Path) -> dict[str, Any]:
         decode_tokens=4,
         repeats=1,
         warmup=0,
+        variants=["export"],
     )
-    result = run_bench(model, masks, cfg)
+    result = run_bench(holder.pop(), masks, cfg, release=True)
     (work / "bench").mkdir(parents=True, exist_ok=True)
     write_bench(result, work / "bench")
     return {"path": result["path"], "rows": result["rows"]}
@@ -234,7 +238,9 @@ def run_stage(args: argparse.Namespace, stage: str, seq_len: int | None = None) 
         del model
         extra = stage_export(args, holder, work)
     elif stage == "bench":
-        extra = stage_bench(args, model, work)
+        holder = [model]
+        del model
+        extra = stage_bench(args, holder, work)
     else:
         raise ValueError(stage)
     wall = time.perf_counter() - start

@@ -113,3 +113,25 @@ def test_prune_matches_sparse_model_and_generates(tmp_path):
     assert pruned_cost["parameters"] < dense_cost["parameters"]
     assert pruned_cost["kv_cache_bytes_per_token"] == dense_cost["kv_cache_bytes_per_token"] // 2
     assert pruned_cost["attention_flops_per_token"] < dense_cost["attention_flops_per_token"]
+
+
+def test_prune_builds_the_new_model_in_the_models_dtype(monkeypatch):
+    """A bf16 model is pruned into a model built in bf16 (no fp32 copy: 12 GB at Gravity-2), and the
+    default dtype is restored afterwards."""
+    from gravity_sparse.model.modeling_gravity import GravityForCausalLM
+    from gravity_sparse.stages.s5_export import export as export_mod
+
+    model = tiny_model(seed=1).to(torch.bfloat16)
+    masks = random_masks()
+    seen = []
+    real_init = GravityForCausalLM.__init__
+
+    def init(self, config):
+        seen.append(torch.get_default_dtype())
+        real_init(self, config)
+
+    monkeypatch.setattr(GravityForCausalLM, "__init__", init)
+    pruned = export_mod.prune_model(model, masks)
+    assert seen == [torch.bfloat16]
+    assert torch.get_default_dtype() == torch.float32
+    assert {p.dtype for p in pruned.parameters()} == {torch.bfloat16}

@@ -97,3 +97,40 @@ def test_config_checks():
     for bad in (dict(decode_context=[]), dict(decode_context="x"), dict(variants=["gpu"])):
         with pytest.raises(UserError):
             BenchConfig(**bad)
+
+
+def _model_alive_while_timing(monkeypatch, release: bool) -> list[bool]:
+    """Run the export-only bench on a model only run_bench holds; whether it was alive at each timing."""
+    import gc
+    import weakref
+
+    from gravity_sparse.stages.s6_bench import bench
+
+    masks = local_masks(2, 4, 8, 16, drop=((0, 1),))
+    cfg = BenchConfig(prefill_lengths=[64], decode_context=32, decode_tokens=2, repeats=1,
+                      warmup=0, variants=["export"])  # fmt: skip
+    real = bench._timed
+    refs: list[weakref.ref] = []
+    alive: list[bool] = []
+
+    def spy(*args, **kwargs):
+        gc.collect()
+        alive.append(refs[0]() is not None)
+        return real(*args, **kwargs)
+
+    def make():
+        model = tiny_model(seed=5, max_position_embeddings=256)
+        refs.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(bench, "_timed", spy)
+    res = run_bench(make(), masks, cfg, release=release)
+    assert {r["variant"] for r in res["rows"]} == {"export"}
+    return alive
+
+
+def test_release_frees_the_callers_model_before_timing(monkeypatch):
+    """run_bench(..., release=True) with the export variant alone: the model handed over is gone by the
+    time anything is timed (one 6 GB model less at Gravity-2's size); without release it stays."""
+    assert _model_alive_while_timing(monkeypatch, release=True) == [False]
+    assert _model_alive_while_timing(monkeypatch, release=False) == [True]
