@@ -320,11 +320,12 @@ def test_grad_importance_keeps_no_layer_graph_from_the_backward_recompute(monkey
     (461 MiB a layer at Gravity-2's shape and 4k tokens, before this was fixed)."""
     import weakref
 
-    from gravity_sparse.stages.s1_measure import measure as measure_mod
+    from gravity_sparse.stages.s1_measure import attention as attention_mod
+    from gravity_sparse.stages.s1_measure import importance as importance_mod
 
     model = tiny_model(seed=3)
     num_layers = len(model.gravity_layers())
-    real = measure_mod.chunked_attention
+    real = importance_mod.chunked_attention
     outputs: list[weakref.ref] = []
     alive_at_call: list[int] = []
 
@@ -335,13 +336,13 @@ def test_grad_importance_keeps_no_layer_graph_from_the_backward_recompute(monkey
         outputs.append(weakref.ref(out))
         return out
 
-    monkeypatch.setattr(measure_mod, "chunked_attention", spy)
+    monkeypatch.setattr(importance_mod, "chunked_attention", spy)
     cfg = MeasureConfig(
         seq_len=64, block_size=16, num_sequences=1, importance="grad", plots=False, progress=False
     )
     seqs = TOKENS[:64].view(1, 64)
-    with measure_mod._Kernels(model) as kernels:
-        imp, _, _ = measure_mod._grad_importance(model, seqs, cfg, kernels)
+    with attention_mod._Kernels(model) as kernels:
+        imp, _, _ = importance_mod._grad_importance(model, seqs, cfg, kernels)
     assert torch.isfinite(imp).all() and imp.abs().max() > 0
     recompute_calls = len(alive_at_call) - num_layers
     assert recompute_calls >= num_layers - 1  # layer 0 may be a leaf (frozen embeddings)
