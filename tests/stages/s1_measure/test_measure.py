@@ -210,14 +210,20 @@ def test_ablation_importance_equals_direct_loss_increase(tmp_path):
     assert summary["importance_method"] == "ablation" and len(summary["heads"]) == 8
 
 
+def _measure_grad(model, out: Path, **overrides) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Measure `model` on TOKENS with grad importance over one 64-token sequence (blocks of 16)."""
+    cfg = MeasureConfig(**{
+        "seq_len": 64, "block_size": 16, "num_sequences": 1, "importance": "grad", "plots": False,
+        "progress": False, **overrides,
+    })  # fmt: skip
+    run_measure(model, TOKENS, cfg, out)
+    return read_field(out / "field.safetensors")
+
+
 def test_grad_importance_is_the_first_order_loss_change(tmp_path):
     """|d loss / d t| at t = 0 when head (l, h) outputs (1 − t)·out_h, by central differences."""
     model = tiny_model(seed=2)
-    cfg = MeasureConfig(
-        seq_len=64, block_size=16, num_sequences=1, importance="grad", plots=False, progress=False
-    )
-    run_measure(model, TOKENS, cfg, tmp_path)
-    got, meta = read_field(tmp_path / "field.safetensors")
+    got, meta = _measure_grad(model, tmp_path)
     assert meta["importance_method"] == "grad"
     torch.testing.assert_close(got["importance"], got["importance_grad"])
     ids = TOKENS[:64].view(1, 64)
@@ -378,12 +384,7 @@ def test_block_grad_is_the_loss_sensitivity_to_a_block_gate(tmp_path):
     """block_grad[l, h, qb, kb] = d loss / d β at β = 0, β a log-gate on that block's probabilities,
     by central differences through the reference attention; every query row sums to zero."""
     model = tiny_model(seed=4)
-    cfg = MeasureConfig(
-        seq_len=64, block_size=16, num_sequences=1, importance="grad", block_grad=True, plots=False,
-        progress=False,
-    )  # fmt: skip
-    run_measure(model, TOKENS, cfg, tmp_path)
-    got, _ = read_field(tmp_path / "field.safetensors")
+    got, _ = _measure_grad(model, tmp_path, block_grad=True)
     grad = got["block_grad"]
     num_layers, heads = got["importance"].shape
     assert grad.shape == (num_layers, heads, 4, 4)
@@ -444,12 +445,7 @@ def test_block_grad_abs_is_the_mean_magnitude_of_each_sequences_gradient(tmp_pat
 
 
 def test_block_grad_is_opt_in_and_needs_a_gradient_pass(tmp_path):
-    model = tiny_model(seed=7)
-    cfg = MeasureConfig(
-        seq_len=64, block_size=16, num_sequences=1, importance="grad", plots=False, progress=False
-    )
-    run_measure(model, TOKENS, cfg, tmp_path)
-    got, _ = read_field(tmp_path / "field.safetensors")
+    got, _ = _measure_grad(tiny_model(seed=7), tmp_path)
     assert "block_grad" not in got and "block_grad_abs" not in got
     with pytest.raises(UserError, match="block_grad needs measure.importance grad or both"):
         MeasureConfig(importance="ablation", block_grad=True)
