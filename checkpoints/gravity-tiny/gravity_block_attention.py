@@ -1,7 +1,7 @@
 """Block-skipping gravity attention in plain PyTorch: prefill, chunked prefill and decode, any device.
 
 Self-contained (copied next to every checkpoint with modeling_gravity.py): imports only torch and the
-sibling gravity_blocks.py. This is the default attention of a GravityAttention layer (and the "cpu"
+siblings gravity_blocks.py and gravity_block_stores.py. This is the default attention of a GravityAttention layer (and the "cpu"
 backend of gravity_sparse): only the kept blocks of a block mask are computed (gravity_blocks.py says how
 they are grouped), dropped heads are not computed at all, and a model without masks runs the same code
 with every causal block kept, so that dense and sparse differ only in what is kept.
@@ -27,6 +27,7 @@ import weakref
 import torch
 from torch.nn import functional as F
 
+from .gravity_block_stores import Stores, _float, _norms, _scratch, _workspace
 from .gravity_blocks import BlockTables, Bucket, make_plan
 
 DENSE_BLOCK = 64  # block of the all-kept grid of a layer without a block mask
@@ -35,90 +36,44 @@ _PLAN_CACHE = 16
 _mask_memo: dict = {}
 
 
-def _float(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def _norms(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vecdot(x, x)
-
-
-def _store(x: torch.Tensor, bs: int, center: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, Hkv, Sk, D) → block store (B, Hkv · nbk + 1, bs, D) (minus `center` (B, Hkv, 1, D)): the
-    blocks of each KV head in order, zeros past Sk, then one all-zero block (padding slots)."""
-    bsz, hkv, sk, d = x.shape
-    nbk = -(-sk // bs)
-    out = x.new_empty(bsz, hkv * nbk + 1, bs, d)
-    body = out[:, :-1].view(bsz, hkv, nbk * bs, d)
-    if center is None:
-        body[:, :, :sk].copy_(x)
-    else:
-        torch.sub(x, center, out=body[:, :, :sk])
-    body[:, :, sk:].zero_()
-    out[:, -1].zero_()
-    return out
-
-
-class Stores:
-    """Keys and values as block stores, plus, for prefill, everything shifted by a per-KV-head center.
-
-    From a full sequence (k/v (B, Hkv, Sk, D)) or an evicting cache's stores (`view`)."""
-
-    def __init__(self, q, k, v, bs: int, groups, shared: bool, from_view: bool):
-        self.from_view, self.shape = from_view, (k.shape, v.shape)
-        kv_groups, hkv = groups
-        qf = _float(q)
-        self.shared, self.cdt = shared, qf.dtype  # computed in fp32 (fp64 for gradcheck)
-        if from_view:  # stores already (their dtype: blocks are converted once gathered)
-            self.ks, self.vs = k, v
-            if shared:  # the center is the mean over the store's body
-                bsz, nf, _, d = self.ks.shape
-                body = _float(self.ks[:, :-1]).reshape(bsz, hkv, -1, d)
-                center = body.mean(2, keepdim=True)
-                self.kc = F.pad((body - center).view(bsz, nf - 1, bs, d), (0, 0, 0, 0, 0, 1))
-        else:
-            kf = _float(k)
-            center = kf.mean(2, keepdim=True) if shared else None
-            self.vs = _store(_float(v), bs)
-            if shared:
-                self.kc = _store(kf, bs, center)
-            else:
-                self.ks = _store(kf, bs)
-        if shared:
-            self.kn = _norms(self.kc)  # (B, NF, bs)
-            qc = F.pad(qf - center.index_select(1, kv_groups), (0, 0, 0, 1))
-            self.qc = qc.flatten(1, 2)  # (B, Hq · (S+1), D)
-            self.qn = _norms(self.qc).unsqueeze(-1)
-        else:
-            self.q = F.pad(qf, (0, 0, 0, 1)).flatten(1, 2)
-
-    def key_grad(self, dks: torch.Tensor, sk: int) -> torch.Tensor:
-        """The gradient of a full-sequence k or v from the gradient of its store."""
-        bsz, hkv, _, d = self.shape[0]
-        return dks[:, :-1].reshape(bsz, hkv, -1, d)[:, :, :sk]
-
-
 def _attend(st: Stores, mass_log, plan, eps: float, keyok, q_start: int, dims, saved):
-    """The forward of `BlockGravityAttention`; with `saved` a list, keeps what the backward needs.
-    dims: (B, Hq, S, D). Prefill (`st.shared`) shifts by each KV head's mean key, computed once;
-    decode by the mean of the blocks a unit reads, so that it depends on nothing else the store holds."""
+    """The forward of `BlockGravityAttention`; with `saved` a list, keeps what the backward needs
+    (without it, the per-bucket tensors live in a reused workspace). dims: (B, Hq, S, D). Prefill
+    (`st.shared`) shifts by each KV head's mean key, computed once; decode by the mean of the blocks a
+    unit reads, so that it depends on nothing else the store holds."""
     bsz, hq, s, d = dims
     s1 = s + 1
     bs = st.vs.shape[2]
     cdt = st.cdt
     m2 = F.softplus(_float(mass_log)).square().to(cdt)
-    out = torch.zeros(bsz, hq * s1, d, dtype=cdt, device=m2.device)
+    dev = m2.device
+    out = torch.empty(bsz, hq, s1, d, dtype=cdt, device=dev)
+    written = torch.zeros(hq, dtype=torch.bool)
+    for b in plan:  # every row of a head in the plan is written; other heads (dropped) give zeros
+        written[b.heads.flatten().cpu()] = True
+    if not bool(written.all()):
+        out[:, (~written).nonzero().flatten().to(dev)] = 0.0
+    out = out.view(bsz, hq * s1, d)
+    ws = _workspace(dev, cdt) if saved is None else None
     for b in plan:
         n, g = b.heads.shape
         r, k = b.rows.shape[1], b.slots.shape[1]
         flat = _flat(b, s1)
         slots = b.slots.flatten()
-        vg = st.vs.index_select(1, slots).to(cdt).view(bsz * n, k * bs, d)
+        if st.vs.dtype == cdt:
+            vg = _scratch(ws, "v", (bsz, n * k, bs, d), cdt, dev)
+            vg = torch.index_select(st.vs, 1, slots, out=vg).view(bsz * n, k * bs, d)
+        else:
+            vg = st.vs.index_select(1, slots).to(cdt).view(bsz * n, k * bs, d)
         if st.shared:
-            qc = st.qc.index_select(1, flat).view(bsz * n, g * r, d)
-            kc = st.kc.index_select(1, slots).view(bsz * n, k * bs, d)
-            kn = st.kn.index_select(1, slots).view(bsz * n, 1, k * bs)
-            qn = st.qn.index_select(1, flat).view(bsz * n, g * r, 1)
+            da = st.qa.shape[-1]
+            qa = _scratch(ws, "q", (bsz, n * g * r, da), cdt, dev)
+            qa = torch.index_select(st.qa, 1, flat, out=qa).view(bsz * n, g * r, da)
+            ka = _scratch(ws, "k", (bsz, n * k, bs, da), cdt, dev)
+            ka = torch.index_select(st.ka, 1, slots, out=ka).view(bsz * n, k * bs, da)
+            y = _scratch(ws, "s", (bsz * n, g * r, k * bs), cdt, dev)
+            y = torch.bmm(qa, ka.transpose(1, 2), out=y)  # d² + ε
+            y.clamp_min_(eps)  # max(d², 0) + ε
         else:
             kg = st.ks.index_select(1, slots).to(cdt).view(bsz, n, k * bs, d)
             center = kg.mean(dim=2, keepdim=True)  # (B, n, 1, D)
@@ -127,8 +82,8 @@ def _attend(st: Stores, mass_log, plan, eps: float, keyok, q_start: int, dims, s
             kc = (kg - center).view(bsz * n, k * bs, d)
             kn = _norms(kc).unsqueeze(1)
             qn = _norms(qc).unsqueeze(-1)
-        y = torch.baddbmm(kn, qc, kc.transpose(1, 2), alpha=-2.0)
-        y.add_(qn.add(eps)).clamp_min_(eps)  # max(d², 0) + ε
+            y = torch.baddbmm(kn, qc, kc.transpose(1, 2), alpha=-2.0)
+            y.add_(qn.add(eps)).clamp_min_(eps)  # max(d², 0) + ε
         m2u = m2[b.heads].view(1, n, g, 1, 1)
         y5 = y.view(bsz, n, g, r, k * bs)
         if saved is not None:
@@ -144,13 +99,18 @@ def _attend(st: Stores, mass_log, plan, eps: float, keyok, q_start: int, dims, s
         if bias is not None:
             sc.add_(bias)
         sc[..., :bs].add_(b.causal(q_start, s, bs, sc.dtype))
-        p = torch.softmax(sc, dim=-1)
+        if ws is None:
+            p = torch.softmax(sc, dim=-1)
+        else:
+            p = _scratch(ws, "p", sc.shape, cdt, dev)
+            p = torch.ops.aten._softmax.out(sc, -1, False, out=p)
         if keyok is not None or b.empty_rows:
             p = p.nan_to_num_(0.0)  # rows with nothing allowed give zeros, as in the reference
-        o = torch.bmm(p.view(bsz * n, g * r, k * bs), vg)
+        o = _scratch(ws, "o", (bsz * n, g * r, d), cdt, dev)
+        o = torch.bmm(p.view(bsz * n, g * r, k * bs), vg, out=o)
         out.index_copy_(1, flat, o.view(bsz, n * g * r, d))
         if saved is not None:
-            saved.append((qc, kc, vg, rec, p))
+            saved.append((qa, ka, vg, rec, p) if st.shared else (qc, kc, vg, rec, p))
     return out.view(bsz, hq, s1, d)[:, :, :s]
 
 
@@ -164,7 +124,7 @@ class BlockGravityAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mass_log, plan, eps: float, keyok, q_start: int, groups, bs: int):
-        st = Stores(q, k, v, bs, groups, q.shape[2] > DECODE_ROWS, False)
+        st = Stores(q, k, v, bs, groups, q.shape[2] > DECODE_ROWS, False, eps)
         saved: list = []
         out = _attend(st, mass_log, plan, eps, keyok, q_start, q.shape, saved)
         ctx.save_for_backward(out, mass_log)
@@ -188,6 +148,8 @@ class BlockGravityAttention(torch.autograd.Function):
         dv = torch.zeros_like(st.vs)
         dm2 = out.new_zeros(hq)
         for b, (qc, kc, vg, rec, p) in zip(ctx.plan, ctx.saved, strict=True):
+            if st.shared:  # augmented: qa = [−2 qc, …], ka = [kc, …]
+                qc, kc = qc[..., :d] * -0.5, kc[..., :d]
             n, g = b.heads.shape
             r, k = b.rows.shape[1], b.slots.shape[1]
             flat = _flat(b, s1)
@@ -214,8 +176,11 @@ class BlockGravityAttention(torch.autograd.Function):
 
 
 def _flat(b: Bucket, s1: int) -> torch.Tensor:
-    """Index of every (head, row) of a bucket in a (B, Hq · (S+1), D) view."""
-    return (b.heads.unsqueeze(-1) * s1 + b.rows.unsqueeze(1)).flatten()
+    """Index of every (head, row) of a bucket in a (B, Hq · (S+1), D) view (kept in the bucket's memo)."""
+    flat = b.memo.get(("flat", s1))
+    if flat is None:
+        flat = b.memo[("flat", s1)] = (b.heads.unsqueeze(-1) * s1 + b.rows.unsqueeze(1)).flatten()
+    return flat
 
 
 def key_padding(attention_mask: torch.Tensor | None, seq_len_q: int, seq_len_k: int):
@@ -391,5 +356,5 @@ def block_sparse_attention(
     if grad:
         raise ValueError("gravity block attention has no backward through a GravityBlockCache")
     keys, values = (k, v) if view is None else (view.keys, view.values)
-    st = Stores(q, keys, values, bs, groups, s > DECODE_ROWS, view is not None)
+    st = Stores(q, keys, values, bs, groups, s > DECODE_ROWS, view is not None, eps)
     return _attend(st, mass_log, plan, eps, kp, q_start, q.shape, None).to(q.dtype)

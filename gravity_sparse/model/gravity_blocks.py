@@ -7,11 +7,13 @@ block path (gravity_block_attention.py) cuts the work into *units*: one unit is 
 where a lane is a KV head with some of its kept query heads (G of them), and the unit computes those heads
 × the rows of qb against the union of the key blocks they read in row qb, the diagonal block first. A
 block that another head of the lane reads but this one does not gets probability 0 (an additive −∞ bias).
-Two lane sets exist: one lane per KV head (its K/V blocks gathered once for all its heads; decode always
-uses these) and one lane per query head (no union waste); a plan takes the one its cost model prices
-lower. Units of equal width are sorted by their number of key blocks and cut into *buckets* by a small
-dynamic programme (padding waste against a fixed cost per bucket); each bucket is one set of batched
-matmuls, split into chunks of at most `MAX_ELEMENTS` scores.
+Decode uses one lane per KV head (its K/V blocks gathered once for all its heads). Prefill also has one
+lane per query head, and chooses per unit: a KV head's unit is split into its heads' own units when the
+union would cost more than 1 / `SPLIT_GAIN` times their own blocks (heads of one KV head that read
+different blocks), and stays one unit otherwise (dense, or heads that agree). Units of equal width are
+sorted by their number of key blocks and cut into *buckets* by a small dynamic programme (padding waste
+against a fixed cost per bucket); each bucket is one set of batched matmuls, split into chunks of at most
+`MAX_ELEMENTS` scores.
 
 `BlockTables` (static, per layer and mask) also gives, per (KV head g, key block kb), the last query block
 that reads kb (−1: none), by which the evicting cache (gravity_cache.py) frees blocks. A layer without a
@@ -31,9 +33,9 @@ BUCKET_NS = 60_000.0  # fixed cost of one bucket (its dozen ops), ns
 GATHER_NS = 0.25  # cost of gathering one float, ns
 FLOP_NS = 1.0 / 30.0  # one matmul flop, ns
 ELEMENT_NS = 1.2  # elementwise work per score (distance, division, softmax), ns
-HEAD_GAIN = (
-    0.75  # per-head lanes (smaller matmuls, a gather per head) only when priced this much lower
-)
+# a unit is split into one unit per head when the heads' own key blocks add up to at most this share of
+# (heads × the union's blocks): smaller matmuls and a gather per head cost more than the flops say
+SPLIT_GAIN = 0.8
 
 
 class LaneTables:
@@ -71,7 +73,8 @@ class BlockTables:
     """Static block tables of one layer (CPU tensors; see the module docstring).
 
     block_mask (Hq, NB, NB) bool or None (causal, every block kept, on a grid of `num_blocks`);
-    head_keep (Hq,) bool or None; kv_groups (Hq,) long. `by_group` / `by_head`: the two lane sets;
+    head_keep (Hq,) bool or None; kv_groups (Hq,) long. `by_group`: one lane per KV head; `mixed`: those
+    lanes and one per head, with the units prefill computes (None when no KV head has two kept heads);
     last_reader (Hkv, NB) long: the last query block that reads (g, kb); −1 if none, NB if every later
     block does (no mask: nothing is ever freed).
     """
@@ -93,11 +96,11 @@ class BlockTables:
         grid = tril.expand(hq, nb, nb) if block_mask is None else block_mask.cpu().bool() & tril
         self.block_size, self.num_blocks, self.num_kv_heads = block_size, nb, num_kv_heads
         heads = [[h for h in range(hq) if keep[h] and groups[h] == g] for g in range(num_kv_heads)]
-        self.by_group = LaneTables(grid, [(g, h) for g, h in enumerate(heads) if h])
+        group_lanes = [(g, h) for g, h in enumerate(heads) if h]
+        self.by_group = LaneTables(grid, group_lanes)
+        self.mixed: tuple[LaneTables, torch.Tensor] | None = None
         if max([len(h) for h in heads] + [0]) > 1:
-            self.by_head = LaneTables(grid, [(g, [h]) for g, hs in enumerate(heads) for h in hs])
-        else:
-            self.by_head = self.by_group
+            self.mixed = _mixed_lanes(grid, group_lanes, self.by_group.count)
         self.last_reader = torch.full((num_kv_heads, nb), -1, dtype=torch.long)
         rows = torch.arange(nb).view(1, -1, 1)
         for i, g in enumerate(self.by_group.kv):
@@ -111,6 +114,24 @@ class BlockTables:
                 f"sequence of {seq_len} tokens is longer than the block mask ({self.num_blocks} blocks "
                 f"of {self.block_size} = {self.num_blocks * self.block_size} tokens)"
             )
+
+
+def _mixed_lanes(grid, group_lanes, union_count) -> tuple[LaneTables, torch.Tensor]:
+    """Lanes for prefill: the KV-head lanes, then one lane per head; and for each (lane, query block) unit
+    whether it is split, i.e. runs as its heads' own lanes (the union wastes too much) or as one unit.
+    Returns (tables, unit_lane (L, NB) bool: which of the lanes' units the plan computes)."""
+    head_lanes = [(g, [h]) for g, hs in group_lanes for h in hs]
+    lanes = LaneTables(grid, group_lanes + head_lanes)
+    ng = len(group_lanes)
+    use = torch.zeros(len(lanes.kv), union_count.shape[-1], dtype=torch.bool)
+    j = ng
+    for i, (_, hs) in enumerate(group_lanes):
+        own = lanes.count[j : j + len(hs)]
+        split = (own.sum(0) <= SPLIT_GAIN * len(hs) * union_count[i]) & (len(hs) > 1)
+        use[i] = ~split
+        use[j : j + len(hs)] = split
+        j += len(hs)
+    return lanes, use
 
 
 @dataclass
@@ -181,9 +202,8 @@ def _cut(counts: list[int], weight: float, fixed: float) -> list[int]:
     return sorted(ends)
 
 
-def _layout(lanes: LaneTables, qbs: range, r: int, bs: int, batch: int, head_dim: int):
+def _layout(lanes: LaneTables, units: list, r: int, bs: int, batch: int, head_dim: int):
     """[(width, units sorted by count, counts, bucket ends)] and the estimated cost, ns."""
-    units = [(i, qb) for i in range(len(lanes.kv)) for qb in qbs]
     by_width: dict[int, list] = {}
     for u in units:
         by_width.setdefault(len(lanes.heads[u[0]]), []).append(u)
@@ -226,15 +246,12 @@ def make_plan(
     end = q_start + seq_len_q
     qbs = range(q_start // bs, (end - 1) // bs + 1)
     r = min(bs, seq_len_q, max(min((qb + 1) * bs, end) - max(qb * bs, q_start) for qb in qbs))
-    options = [tables.by_group]
-    if (
-        tables.by_head is not tables.by_group and r > 1
-    ):  # decode reads each K/V block once per KV head
-        options.append(tables.by_head)
-    priced = [(_layout(o, qbs, r, bs, batch, head_dim), o) for o in options]
-    (layout, _), lanes = min(
-        priced, key=lambda x: x[0][1] / (1.0 if x[1] is options[0] else HEAD_GAIN)
-    )
+    lanes = tables.by_group
+    units = [(i, qb) for i in range(len(lanes.kv)) for qb in qbs]
+    if tables.mixed is not None and r > 1:  # decode reads each K/V block once per KV head
+        lanes, use = tables.mixed
+        units = [(i, qb) for i in range(len(lanes.kv)) for qb in qbs if use[i, qb]]
+    layout, _ = _layout(lanes, units, r, bs, batch, head_dim)
     slot_map = torch.cat([slot_of_block.cpu(), torch.full((tables.num_kv_heads, 1), -1)], 1)
     buckets = []
     for width, members, counts, ends in layout:

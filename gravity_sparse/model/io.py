@@ -41,6 +41,7 @@ SOURCE_FILES = (
     "modeling_gravity.py",
     "gravity_reference.py",
     "gravity_blocks.py",
+    "gravity_block_stores.py",
     "gravity_block_attention.py",
     "gravity_cache.py",
 )

@@ -17,9 +17,10 @@ specification) when attention weights or dropout are asked for. `generate()` on 
 uses `GravityBlockCache` (gravity_cache.py), which frees the key blocks no later query reads.
 
 Self-contained: copied next to every checkpoint with its siblings (configuration_gravity.py,
-gravity_reference.py, gravity_blocks.py, gravity_block_attention.py, gravity_cache.py), so a Python with
-only torch, transformers and safetensors runs it (`trust_remote_code=True`). On CUDA a sparse layer takes
-the kernel gravity_sparse's resolver picks when `gravity_sparse.kernels` is loaded in the process
+gravity_reference.py, gravity_blocks.py, gravity_block_stores.py, gravity_block_attention.py,
+gravity_cache.py), so a Python with only torch, transformers and safetensors runs it
+(`trust_remote_code=True`). On CUDA a sparse layer takes the kernel gravity_sparse's resolver picks when
+`gravity_sparse.kernels` is loaded in the process
 (`GravityAttention._maybe_use_kernel`); this file never imports gravity_sparse itself.
 """
 

@@ -132,17 +132,25 @@ def test_gradcheck_fp64():
     )
 
 
-def _scores_computed(monkeypatch, fn) -> int:
-    """Score elements the block path computes (the sizes of its q·k matmuls)."""
+def _scores_computed(monkeypatch, fn, head_dim: int = 16) -> int:
+    """Score elements the block path computes (the sizes of its q·k matmuls: prefill's bmm of augmented
+    queries, of width head_dim + 2, and decode's baddbmm)."""
     total = []
-    baddbmm = torch.baddbmm
+    baddbmm, bmm = torch.baddbmm, torch.bmm
 
-    def counted(*args, **kwargs):
+    def counted_baddbmm(*args, **kwargs):
         out = baddbmm(*args, **kwargs)
         total.append(out.numel())
         return out
 
-    monkeypatch.setattr(torch, "baddbmm", counted)
+    def counted_bmm(a, b, **kwargs):
+        out = bmm(a, b, **kwargs)
+        if a.shape[-1] == head_dim + 2:
+            total.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "baddbmm", counted_baddbmm)
+    monkeypatch.setattr(torch, "bmm", counted_bmm)
     with torch.no_grad():
         fn()
     monkeypatch.undo()
@@ -217,3 +225,51 @@ def test_reference_without_weights_walks_queries_in_chunks(monkeypatch):
         chunked, none = gravity_attention_reference(q, k, v, mass_log, **args)
     assert none is None and max(s[2] for s in shapes) == 10 and len(shapes) == 10
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_heads_of_a_kv_head_reading_different_blocks_are_computed_apart(monkeypatch):
+    """Two heads of one KV head read disjoint off-diagonal blocks: as one unit per query block they would
+    pay for the union (about twice their blocks), so the plan splits those units into one per head. Heads
+    that read the same blocks stay one unit (their K/V gathered once), whatever the split threshold."""
+    import gravity_sparse.model.gravity_blocks as blocks
+
+    s, block, hq = 256, 16, 2
+    nb = s // block
+    q, k, v, mass_log = attention_inputs(1, hq, 1, s, 16, seed=5)
+    rows, cols = torch.arange(nb).view(-1, 1), torch.arange(nb).view(1, -1)
+    eye = rows == cols
+    even, odd = eye | ((cols < rows) & (cols % 2 == 0)), eye | ((cols < rows) & (cols % 2 == 1))
+
+    def computed(bm, gain):
+        monkeypatch.setattr(blocks, "SPLIT_GAIN", gain)
+        return _scores_computed(
+            monkeypatch,
+            lambda: block_sparse_attention(q, k, v, mass_log, block_mask=bm, block_size=block),
+        )
+
+    disjoint, same = torch.stack([even, odd]), torch.stack([even, even])
+    split, union = computed(disjoint, 0.8), computed(disjoint, 0.0)
+    assert split <= 0.75 * union, (split, union)
+    assert computed(same, 0.8) == computed(same, 0.0)
+    monkeypatch.setattr(blocks, "SPLIT_GAIN", 0.8)
+    for bm in (disjoint, same):
+        ref, _ = gravity_attention_reference(q, k, v, mass_log, block_mask=bm, block_size=block)
+        with torch.no_grad():
+            out = block_sparse_attention(q, k, v, mass_log, block_mask=bm, block_size=block)
+        torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_workspace_reused_across_shapes_keeps_results():
+    """Inference reuses scratch buffers from call to call: a large call, then a small one, then the large
+    one again give what each gives alone (the reference)."""
+    big = attention_inputs(2, 4, 2, 96, 8, seed=3)
+    small = attention_inputs(1, 4, 2, 33, 8, seed=4)
+    bm_big, bm_small = block_mask(4, 12, seed=3), block_mask(4, 5, seed=4)
+    with torch.no_grad():
+        outs = [
+            block_sparse_attention(*x[:3], x[3], block_mask=bm, block_size=8)
+            for x, bm in ((big, bm_big), (small, bm_small), (big, bm_big))
+        ]
+    for x, bm, out in ((big, bm_big, outs[0]), (small, bm_small, outs[1]), (big, bm_big, outs[2])):
+        ref, _ = gravity_attention_reference(*x[:3], x[3], block_mask=bm, block_size=8)
+        torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
