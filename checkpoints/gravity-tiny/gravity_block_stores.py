@@ -92,14 +92,21 @@ class Stores:
         return dks[:, :-1].reshape(bsz, hkv, -1, d)[:, :, :sk]
 
 
-_workspaces: dict = {}
+_local = threading.local()  # a thread's scratch buffers go with the thread
 
 
 def _workspace(device, dtype) -> dict:
     """Scratch buffers of inference (no backward keeps them), reused from bucket to bucket and call to
     call: a fresh multi-MiB tensor per op costs page faults that, at short key rows, outweigh the op.
-    One set per thread, device and dtype; each grows to the largest bucket seen."""
-    return _workspaces.setdefault((threading.get_ident(), str(device), dtype), {})
+    One set per thread, device and dtype; each grows to the largest bucket seen (`release_scratch`
+    frees the calling thread's)."""
+    spaces = _local.__dict__.setdefault("spaces", {})
+    return spaces.setdefault((str(device), dtype), {})
+
+
+def release_scratch() -> None:
+    """Free the calling thread's scratch buffers (they are rebuilt on the next inference call)."""
+    _local.__dict__.pop("spaces", None)
 
 
 def _scratch(ws: dict | None, name: str, shape, dtype, device) -> torch.Tensor | None:

@@ -273,3 +273,31 @@ def test_inference_workspace_reused_across_shapes_keeps_results():
     for x, bm, out in ((big, bm_big, outs[0]), (small, bm_small, outs[1]), (big, bm_big, outs[2])):
         ref, _ = gravity_attention_reference(*x[:3], x[3], block_mask=bm, block_size=8)
         torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_scratch_is_per_thread_and_can_be_released():
+    """Each thread gets its own scratch buffers (two threads never share one), and release_scratch frees
+    the calling thread's; results stay those of the reference either way."""
+    import threading
+
+    from gravity_sparse.model import gravity_block_stores as stores
+
+    x = attention_inputs(1, 4, 2, 64, 8, seed=6)
+    bm = block_mask(4, 8, seed=6)
+    ref, _ = gravity_attention_reference(*x[:3], x[3], block_mask=bm, block_size=8)
+    seen = {}
+
+    def run(name):
+        with torch.no_grad():
+            out = block_sparse_attention(*x[:3], x[3], block_mask=bm, block_size=8)
+        torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+        seen[name] = stores._workspace(torch.device("cpu"), torch.float32)["s"].data_ptr()
+
+    run("main")
+    other = threading.Thread(target=run, args=("other",))
+    other.start()
+    other.join()
+    assert seen["main"] != seen["other"]
+    stores.release_scratch()
+    assert stores._workspace(torch.device("cpu"), torch.float32) == {}
+    run("again")
