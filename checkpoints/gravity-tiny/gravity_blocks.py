@@ -147,6 +147,9 @@ class Bucket:
     hidden: torch.Tensor | None  # (n, G, 1, K · block) bool: this head does not read this key
     block_start: torch.Tensor  # (n, 1) long: first position of the unit's query block (= slot 0)
     empty_rows: bool = False  # a head skips its diagonal block: a row may have nothing allowed
+    head_ids: frozenset = (
+        frozenset()
+    )  # the query heads of `heads`, host-side (no device sync to read)
     memo: dict = field(default_factory=dict)
 
     def causal(self, q_start: int, seq_len_q: int, block_size: int, dtype) -> torch.Tensor:
@@ -307,5 +310,5 @@ def _to(b: Bucket, device: torch.device) -> Bucket:
 
     return Bucket(
         move(b.heads), move(b.rows), move(b.blocks), move(b.slots), move(b.hidden),
-        move(b.block_start), b.empty_rows,
+        move(b.block_start), b.empty_rows, frozenset(b.heads.flatten().tolist()),
     )  # fmt: skip

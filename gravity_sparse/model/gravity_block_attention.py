@@ -48,11 +48,11 @@ def _attend(st: Stores, mass_log, plan, eps: float, keyok, q_start: int, dims, s
     m2 = F.softplus(_float(mass_log)).square().to(cdt)
     dev = m2.device
     out = torch.empty(bsz, hq, s1, d, dtype=cdt, device=dev)
-    written = torch.zeros(hq, dtype=torch.bool)
-    for b in plan:  # every row of a head in the plan is written; other heads (dropped) give zeros
-        written[b.heads.flatten().cpu()] = True
-    if not bool(written.all()):
-        out[:, (~written).nonzero().flatten().to(dev)] = 0.0
+    written = frozenset().union(*(b.head_ids for b in plan))
+    if (
+        len(written) < hq
+    ):  # every row of a head in the plan is written; other heads (dropped) give zeros
+        out[:, [h for h in range(hq) if h not in written]] = 0.0
     out = out.view(bsz, hq * s1, d)
     ws = _workspace(dev, cdt) if saved is None else None
     for b in plan:
