@@ -28,6 +28,7 @@ SMOKED = {
     "collect_gravitize",
     "collect_heal",
     "collect_run",
+    "collect_sweep",
     "dry_run_gravity2",
     "importance_check",
     "retrieval_check",
@@ -294,3 +295,30 @@ def test_dry_run_names_a_stage_killed_by_a_signal(monkeypatch):
     monkeypatch.setattr(mod.subprocess, "run", lambda *a, **k: killed)
     got = mod.in_child(args, "bench")
     assert got["status"] == "failed" and got["error"].startswith("killed by SIGKILL (out of memory")
+
+
+def test_collect_sweep_smoke(tmp_path, capsys):
+    """A finished (unhealed, two-pattern) sweep of a small pipeline is collected into table, rows and
+    plot; a run without any sweep gives a one-line error and exit 2."""
+    from launchers import small_pipeline
+
+    from gravity_sparse.cli import main as cli
+
+    pipeline = small_pipeline(tmp_path)
+    sweep = ["sweep.densities=[0.5]", "sweep.head_drops=[0.0]", "sweep.methods=[qubo,window]"]
+    sweep += ["sweep.heal=false", "sweep.eval_max_tokens=128"]
+    assert cli(["measure", "-c", str(pipeline)]) == 0
+    script = _script("collect_sweep")
+    out = tmp_path / "collected"
+    capsys.readouterr()
+    assert script.main(["-c", str(pipeline), "--out", str(out), *sweep]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no finished pattern of this sweep") and err.count("\n") == 1
+    assert cli(["sweep", "-c", str(pipeline), *sweep]) == 0
+    assert script.main(["-c", str(pipeline), "--out", str(out), *sweep]) == 0
+    payload = json.loads(out.with_suffix(".json").read_text())
+    assert [r["method"] for r in payload["rows"]] == ["qubo", "window"] and payload["missing"] == []
+    _provenance_ok(payload["provenance"])
+    assert (
+        "| qubo |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size
+    )

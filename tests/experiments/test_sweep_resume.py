@@ -8,6 +8,10 @@ from launchers import copy_run, small_pipeline
 
 import gravity_sparse.stages.s4_heal.heal as heal_module
 from gravity_sparse.cli import main
+from gravity_sparse.errors import UserError
+from gravity_sparse.experiments.sweep.sweep import collect_sweep
+from gravity_sparse.run.config import load_config
+from gravity_sparse.run.pipeline import PipelineConfig
 
 SWEEP = [
     "sweep.densities=[0.5,0.7]",
@@ -45,6 +49,12 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_patterns(
     assert not (cut / "sweep").exists()
     logged = (cut / "sweep.progress" / "rows-rank0.jsonl").read_text().splitlines()
     assert len(logged) == 2
+    partial = collect_sweep(load_config(PipelineConfig, str(pipeline), [f"run_dir={cut}", *SWEEP]))
+    whole = _rows(tmp_path / "whole")
+    assert [r["method"] for r in partial["rows"]] == [r["method"] for r in whole[:2]]
+    assert partial["missing"] == [
+        {"head_drop": 0.0, "density_target": 0.7, "method": m} for m in ("qubo", "window")
+    ]
 
     calls.clear()
     die_at[0] = 0
@@ -53,7 +63,8 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_patterns(
     assert len(calls) == 2  # only the two patterns that were not finished are healed
     assert capsys.readouterr().out.count("(from sweep.progress)") == 2
     assert not (cut / "sweep.progress").exists()
-    whole = _rows(tmp_path / "whole")
+    finished = collect_sweep(load_config(PipelineConfig, str(pipeline), [f"run_dir={cut}", *SWEEP]))
+    assert finished["missing"] == [] and finished["rows"] == _rows(cut)
     assert [(r["density_target"], r["method"]) for r in _rows(cut)] == [
         (r["density_target"], r["method"]) for r in whole
     ]
@@ -67,5 +78,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_patterns(
     (other / "sweep.progress" / "rows-rank0.jsonl").write_text("\n".join(logged) + "\n")
     calls.clear()
     bigger = [*SWEEP[:-2], "sweep.heal_token_budget=512", "sweep.eval_max_tokens=256"]
+    with pytest.raises(UserError, match="no finished pattern"):
+        collect_sweep(load_config(PipelineConfig, str(pipeline), [f"run_dir={other}", *bigger]))
     assert main(["sweep", "-c", str(pipeline), f"run_dir={other}", *bigger]) == 0
     assert len(calls) == 4

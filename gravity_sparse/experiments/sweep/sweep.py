@@ -204,6 +204,37 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
     return sf.final, summary
 
 
+def collect_sweep(cfg) -> dict[str, Any]:
+    """The sweep of `cfg` as far as it has run, running nothing: the finished sweep's summary
+    (`RUN/sweep/sweep.json`), or for an unfinished one the rows in `RUN/sweep.progress` logged under
+    this config's key, in the sweep's order. `missing` lists the patterns still to run (empty when done)."""
+    run = cfg.run_path()
+    final, progress = run / SWEEP_DIR / "sweep.json", run / PROGRESS_DIR
+    if final.is_file() and not progress.exists():
+        return {**json.loads(final.read_text()), "missing": []}
+    done = _done_rows(progress, _progress_key(cfg)) if progress.is_dir() else {}
+    sw = cfg.sweep
+    order = [(h, d, m) for h in sw.head_drops for d in sw.densities for m in sw.methods]
+    rows = [done[k] for k in order if k in done]
+    if not rows:
+        raise UserError(f"no finished pattern of this sweep in {progress} (nor a finished {final})")
+    missing = [
+        {"head_drop": h, "density_target": d, "method": m}
+        for h, d, m in order
+        if (h, d, m) not in done
+    ]
+    return {
+        "model": str(cfg.model.path or "checkpoints/gravity-tiny"),
+        "eval_text": cfg.apply.eval_text,
+        "eval_tokens": sw.eval_max_tokens,  # at most: the finished sweep records the count scored
+        "heal_token_budget": sw.heal_token_budget if sw.heal else None,
+        "loss_dense": rows[0]["loss_dense"],
+        "rows": rows,
+        "skipped": [],
+        "missing": missing,
+    }
+
+
 def _row_line(r: dict[str, Any]) -> str:
     healed = f" healed {r['loss_healed']:.4f}" if "loss_healed" in r else ""
     return (
