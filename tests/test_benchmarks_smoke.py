@@ -297,6 +297,7 @@ def test_dry_run_names_a_stage_killed_by_a_signal(monkeypatch):
     assert got["status"] == "failed" and got["error"].startswith("killed by SIGKILL (out of memory")
 
 
+@pytest.mark.slow
 def test_collect_sweep_smoke(tmp_path, capsys):
     """A finished (unhealed, two-pattern) sweep of a small pipeline is collected into table, rows and
     plot; a run without any sweep gives a one-line error and exit 2."""
