@@ -119,7 +119,7 @@ class BlockTables:
 def _mixed_lanes(grid, group_lanes, union_count) -> tuple[LaneTables, torch.Tensor]:
     """Lanes for prefill: the KV-head lanes, then one lane per head; and for each (lane, query block) unit
     whether it is split, i.e. runs as its heads' own lanes (the union wastes too much) or as one unit.
-    Returns (tables, unit_lane (L, NB) bool: which of the lanes' units the plan computes)."""
+    Returns (tables, use (L, NB) bool: which of the lanes' units the plan computes)."""
     head_lanes = [(g, [h]) for g, hs in group_lanes for h in hs]
     lanes = LaneTables(grid, group_lanes + head_lanes)
     ng = len(group_lanes)
@@ -147,9 +147,8 @@ class Bucket:
     hidden: torch.Tensor | None  # (n, G, 1, K · block) bool: this head does not read this key
     block_start: torch.Tensor  # (n, 1) long: first position of the unit's query block (= slot 0)
     empty_rows: bool = False  # a head skips its diagonal block: a row may have nothing allowed
-    head_ids: frozenset = (
-        frozenset()
-    )  # the query heads of `heads`, host-side (no device sync to read)
+    # the query heads of `heads`, host-side (read without a device sync)
+    head_ids: frozenset = frozenset()
     memo: dict = field(default_factory=dict)
 
     def causal(self, q_start: int, seq_len_q: int, block_size: int, dtype) -> torch.Tensor:
