@@ -1,10 +1,11 @@
 """Block-skipping gravity attention in plain PyTorch: prefill, chunked prefill and decode, any device.
 
 Self-contained (copied next to every checkpoint with modeling_gravity.py): imports only torch and the
-siblings gravity_blocks.py and gravity_block_stores.py. This is the default attention of a GravityAttention layer (and the "cpu"
-backend of gravity_sparse): only the kept blocks of a block mask are computed (gravity_blocks.py says how
-they are grouped), dropped heads are not computed at all, and a model without masks runs the same code
-with every causal block kept, so that dense and sparse differ only in what is kept.
+siblings gravity_blocks.py and gravity_block_stores.py. This is the default attention of a
+GravityAttention layer (and the "cpu" backend of gravity_sparse): only the kept blocks of a block mask are
+computed (gravity_blocks.py says how they are grouped), dropped heads are not computed at all, and a model
+without masks runs the same code with every causal block kept, so that dense and sparse differ only in
+what is kept.
 
 Math (the reference's, `gravity_attention_reference`): s = M_h² / (‖q − k‖² + ε) with ‖q − k‖² =
 ‖q − c‖² + ‖k − c‖² − 2 (q − c)·(k − c) clamped at 0, softmax over the allowed keys, fp32. The common shift
@@ -48,10 +49,9 @@ def _attend(st: Stores, mass_log, plan, eps: float, keyok, q_start: int, dims, s
     m2 = F.softplus(_float(mass_log)).square().to(cdt)
     dev = m2.device
     out = torch.empty(bsz, hq, s1, d, dtype=cdt, device=dev)
+    # every row of a head in the plan is written; the other heads (dropped) give zeros
     written = frozenset().union(*(b.head_ids for b in plan))
-    if (
-        len(written) < hq
-    ):  # every row of a head in the plan is written; other heads (dropped) give zeros
+    if len(written) < hq:
         out[:, [h for h in range(hq) if h not in written]] = 0.0
     out = out.view(bsz, hq * s1, d)
     ws = _workspace(dev, cdt) if saved is None else None
