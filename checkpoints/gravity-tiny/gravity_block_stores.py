@@ -64,8 +64,8 @@ class Stores:
                 center = body.mean(2, keepdim=True)
                 self.ka = _store(body, bs, qf.dtype, center, extra=2)
         else:
-            kf = _float(k)
-            center = kf.mean(2, keepdim=True) if shared else None
+            # the mean accumulates in the compute dtype without a converted copy of k
+            center = k.mean(2, keepdim=True, dtype=qf.dtype) if shared else None
             self.vs = _store(v, bs, qf.dtype)
             if shared:
                 self.ka = _store(k, bs, qf.dtype, center, extra=2)

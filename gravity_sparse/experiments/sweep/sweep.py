@@ -181,11 +181,9 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
     rows = [row for point_rows, _ in every for row in point_rows]
     skipped = [skip for _, point_skipped in every for skip in point_skipped]
     summary = {
-        "model": str(cfg.model.path or "checkpoints/gravity-tiny"),
-        "eval_text": apply_cfg.eval_text,
-        "eval_tokens": scored,  # tokens actually scored (≤ sweep.eval_max_tokens)
-        "heal_token_budget": sw.heal_token_budget if sw.heal else None,
-        "loss_dense": dense_loss,
+        **_summary_head(
+            cfg, scored, dense_loss
+        ),  # tokens actually scored (≤ sweep.eval_max_tokens)
         "wall_s": round(time.perf_counter() - start, 1),
         "rows": rows,
         "skipped": skipped,
@@ -223,15 +221,20 @@ def collect_sweep(cfg) -> dict[str, Any]:
         for h, d, m in order
         if (h, d, m) not in done
     ]
+    # eval tokens: at most sweep.eval_max_tokens (the finished sweep records the count scored)
+    head = _summary_head(cfg, sw.eval_max_tokens, rows[0]["loss_dense"])
+    return {**head, "rows": rows, "skipped": [], "missing": missing}
+
+
+def _summary_head(cfg, eval_tokens: int, loss_dense: float) -> dict[str, Any]:
+    """What a sweep summary says before its rows: model, held-out text and tokens, heal budget, dense."""
+    sw = cfg.sweep
     return {
         "model": str(cfg.model.path or "checkpoints/gravity-tiny"),
         "eval_text": cfg.apply.eval_text,
-        "eval_tokens": sw.eval_max_tokens,  # at most: the finished sweep records the count scored
+        "eval_tokens": eval_tokens,
         "heal_token_budget": sw.heal_token_budget if sw.heal else None,
-        "loss_dense": rows[0]["loss_dense"],
-        "rows": rows,
-        "skipped": [],
-        "missing": missing,
+        "loss_dense": loss_dense,
     }
 
 
