@@ -49,6 +49,12 @@ SMOKE = [
 ]
 
 
+def _variant(spec: str) -> tuple[str, str, float]:
+    """block_value[:block_scale[:row_coupling]] → (value, scale, coupling)."""
+    parts = spec.split(":")
+    return parts[0], (parts[1:2] or ["flat"])[0] or "flat", float((parts[2:3] or [0.0])[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-c", "--config", required=True)
@@ -62,7 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         nargs="+",
         default=None,
-        help="block_value[:block_scale] to run (default: all; the first also runs the baselines)",
+        help="block_value[:block_scale[:row_coupling]] to run (default: all, uncoupled; the first "
+        "also runs the baselines), e.g. kl kl:flat:1",
+    )
+    p.add_argument(
+        "--baselines",
+        nargs="*",
+        default=["window", "uniform", "greedy", "random"],
+        help="baselines run with the first variant (default: all)",
     )
     p.add_argument(
         "--densities", nargs="+", type=float, default=None, help="default: the config's density"
@@ -87,28 +100,27 @@ def main(argv: list[str] | None = None) -> int:
     block, length = int(meta["block_size"]), int(meta["seq_len"])
     rows = [{"pattern": "dense", "loss": sparse_loss(model, None, ids, cfg.apply)[0]}]
     start = time.perf_counter()
-    variants = [*VARIANTS[:2], *VARIANTS[-2:]] if args.smoke else VARIANTS
+    variants = [(*v, 0.0) for v in VARIANTS]
+    if args.smoke:
+        variants = [*variants[:2], *variants[-2:], ("mass", "flat", 1.0)]
     if args.variants:
-        variants = [tuple((v.split(":") + ["flat"])[:2]) for v in args.variants]
+        variants = [_variant(v) for v in args.variants]
     for density in args.densities or [cfg.solve.density]:
-        for value, scale in variants:
+        for value, scale, coupling in variants:
             solve_cfg = dataclasses.replace(
                 cfg.solve,
                 density=density,
                 block_value=value,
                 block_scale=scale,
+                row_coupling=coupling,
                 exact_layers=0,
-                baselines=["window", "uniform", "greedy", "random"]
-                if (value, scale) == variants[0]
-                else [],
+                baselines=args.baselines if (value, scale, coupling) == variants[0] else [],
             )
             result = solve_field(tensors, meta, solve_cfg)
-            patterns = {
-                f"qubo block_value={value} block_scale={scale}": (
-                    result.head_keep,
-                    result.block_mask,
-                )
-            }
+            name = f"qubo block_value={value} block_scale={scale}"
+            if coupling:
+                name += f" row_coupling={coupling:g}"
+            patterns = {name: (result.head_keep, result.block_mask)}
             patterns.update({f"baseline {k}": v for k, v in result.baselines.items()})
             for name, (hk, bm) in patterns.items():
                 masks = Masks(hk, bm, block, length, name)

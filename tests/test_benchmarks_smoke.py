@@ -134,6 +134,7 @@ def test_ablate_block_value_smoke(tmp_path):
     _provenance_ok(payload["provenance"])
     assert payload["rows"][0]["pattern"] == "dense" and len(payload["rows"]) > 3
     assert any("block_value=grad" in r["pattern"] for r in payload["rows"])
+    assert any("row_coupling=1" in r["pattern"] for r in payload["rows"])
 
 
 @pytest.mark.slow

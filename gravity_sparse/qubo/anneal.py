@@ -42,7 +42,7 @@ from gravity_sparse.qubo.polish import head_moves
 
 def _head_fields(terms: Terms, lam: float, mu: float, x: np.ndarray, h: int) -> np.ndarray:
     """Energy change (L,) of keeping head h rather than dropping it, its blocks at their best given λ."""
-    blocks = np.minimum(terms.value[:, h], lam).sum(
+    blocks = np.minimum(terms.values_at(lam)[:, h], lam).sum(
         -1
     )  # kept blocks cost λ, dropped ones their value
     others_dropped = (terms.pair[:, h] * (1.0 - x)).sum(-1)
@@ -76,7 +76,7 @@ def relaxed_heads(
 
 
 def relaxed_count(terms: Terms, lam: float, heads: np.ndarray) -> int:
-    return int((heads * (terms.nqb + (terms.value > lam).sum(-1))).sum())
+    return int((heads * (terms.nqb + (terms.values_at(lam) > lam).sum(-1))).sum())
 
 
 def find_multipliers(
@@ -87,12 +87,13 @@ def find_multipliers(
     steps: int = 48,
 ) -> tuple[float, float]:
     """(λ, μ) whose conditional minimiser computes ≈ target_blocks blocks (and keeps target_heads heads)."""
+    most = terms.values_at(np.inf)  # every block priced as if its whole row were dropped
 
     def solve_lam(mu: float) -> tuple[float, np.ndarray]:
         # block values may be negative (solve.block_value=grad): a budget above the blocks worth keeping
         # then needs a negative price
         lo = min(float(terms.value.min(initial=0.0)), 0.0) * 1.01 - 1e-12
-        hi = float(terms.value.max(initial=0.0)) * 1.01 + 1e-12
+        hi = float(most.max(initial=0.0)) * 1.01 + 1e-12
         best = (np.inf, 0.0, heads0)
         for _ in range(steps):
             lam = 0.5 * (lo + hi)
@@ -108,7 +109,7 @@ def find_multipliers(
     if target_heads is None:
         return solve_lam(0.0)[0], 0.0
     span = float(terms.importance.max(initial=0.0) + terms.pair.sum(-1).max(initial=0.0))
-    span += float(terms.value.sum(-1).max(initial=0.0)) + 1e-9
+    span += float(most.sum(-1).max(initial=0.0)) + 1e-9
     lo, hi = -2.0 * span, 2.0 * span
     best = (np.inf, 0.0, 0.0)
     for _ in range(steps // 2):
@@ -127,7 +128,7 @@ def default_beta_range(sub: Subproblem, terms: Terms, lam: float) -> tuple[float
     """(hot, cold) β from the problem's own energy scales (see the module docstring)."""
     imp = terms.importance[sub.layer, sub.heads]
     hot_de = float(np.median(imp)) if imp.size and np.median(imp) > 0 else 1.0
-    gaps = np.abs(lam - terms.value[sub.layer, sub.heads]).reshape(-1)
+    gaps = np.abs(lam - terms.values_at(lam)[sub.layer, sub.heads]).reshape(-1)
     gaps = gaps[gaps > 1e-12]
     cold_de = float(np.quantile(gaps, 0.1)) if gaps.size else hot_de * 1e-3
     hot = np.log(2.0) / hot_de
@@ -257,7 +258,7 @@ def gather(terms: Terms, results: list[SubResult]) -> tuple[np.ndarray, np.ndarr
 
 def _block_marginals(terms: Terms, blocks: np.ndarray) -> np.ndarray:
     """Objective change (L, H, NB) of flipping each off-diagonal block of a kept head."""
-    value = terms.value.copy()
+    value = terms.coupled_marginals(blocks).copy()
     if terms.contiguity:
         qb, kb = offdiag_blocks(terms.nqb)
         z = blocks.astype(np.float64)
@@ -299,7 +300,7 @@ def repair(
         masked = np.where(cand, scores if keep else -scores, np.inf)
         idx = np.unravel_index(int(np.argmin(masked)), x.shape)
         x[idx] = keep
-        z[idx] = (terms.value[idx] > lam) if keep else False
+        z[idx] = (terms.values_at(lam)[idx] > lam) if keep else False
         moved["heads_added" if keep else "heads_dropped"] += 1
 
     if target_heads is not None:

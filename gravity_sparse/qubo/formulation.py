@@ -10,6 +10,7 @@ Objective (an estimate of the loss increase, nats/token; lower is better):
 
     obj = Σ_h I_h (1 − x_h)                             dropping a head loses its ablation importance
         + Σ_h x_h Σ_b c_hb (1 − z_hb)                   a kept head loses the value of its dropped blocks
+        + Σ_h x_h Σ_{a<b, one row} γ_hab (1 − z_ha)(1 − z_hb)   optional row coupling (`coupling`)
         + Σ_{h<h'} s_hh' (1 − x_h)(1 − x_h')            a redundant pair must not lose both members
         − κ_c Σ x_h · (adjacent kept blocks in a row)   optional contiguity (the diagonal counts as kept)
         + Σ_g κ_g y_g                                   a kept KV head costs its cache
@@ -66,11 +67,8 @@ import dimod
 import networkx as nx
 import numpy as np
 
-
-def offdiag_blocks(nqb: int) -> tuple[np.ndarray, np.ndarray]:
-    """(qb, kb) of every off-diagonal causal block, row-major; each (NB,) int64."""
-    qb, kb = np.tril_indices(nqb, k=-1)
-    return qb.astype(np.int64), kb.astype(np.int64)
+from gravity_sparse.qubo import coupling as row
+from gravity_sparse.qubo.coupling import offdiag_blocks
 
 
 def causal_blocks_per_head(nqb: int) -> int:
@@ -92,10 +90,29 @@ class Terms:
     block_penalty: float  # δ
     contiguity: float  # κ_c
     weight: np.ndarray  # (L, H) sharpness weight w_h
+    coupling: np.ndarray | None = None  # (L, H, P) γ_hab over `row_pairs(nqb)`, nats; None: none
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.value.shape  # type: ignore[return-value]
+
+    def values_at(self, lam: float) -> np.ndarray:
+        """(L, H, NB) what dropping each block costs at block price λ: c_hb, plus with row coupling
+        Σ γ_hab over the blocks b of its row that λ drops on their own (c_hb ≤ λ). The relaxation,
+        the multiplier search and the repair price blocks by this; the BQM holds the exact pairs."""
+        if self.coupling is None:
+            return self.value
+        if getattr(self, "_at", (None,))[0] != lam:
+            drop = (self.value <= lam).astype(np.float64)
+            self._at = (lam, self.value + row.marginals(self.coupling, drop, self.nqb))
+        return self._at[1]
+
+    def coupled_marginals(self, blocks: np.ndarray) -> np.ndarray:
+        """(L, H, NB) the objective change of dropping each block, the others as in `blocks`."""
+        if self.coupling is None:
+            return self.value
+        drop = 1.0 - blocks.astype(np.float64)
+        return self.value + row.marginals(self.coupling, drop, self.nqb)
 
 
 def mass_weight(mass: np.ndarray, eps: float, mass_scale: float) -> np.ndarray:
@@ -124,6 +141,7 @@ def build_terms(
     penalty_margin: float = 1.0,
     block_scale: str = "importance",
     absolute: bool = False,
+    coupling: np.ndarray | None = None,
 ) -> Terms:
     """Coefficients from a measured field.
 
@@ -131,7 +149,9 @@ def build_terms(
     block_field holds row shares, scaled here by head, mass weight and 1/NQB; with `absolute` it holds
     each block's value in nats already (of either sign: `solve.block_value=grad`) and is used as it is.
     kv_cost, contiguity and penalty_margin are fractions of the mean |block value|, so they mean the same
-    thing whatever the scale of the importances.
+    thing whatever the scale of the importances. coupling (L, H, P): row-coupling pair costs in the units of
+    block_field's row shares (`coupling.pair_cost` over the same row normaliser), scaled here like the
+    block values; only for row shares (not `absolute`).
     """
     nqb = block_field.shape[-1]
     qb, kb = offdiag_blocks(nqb)
@@ -145,6 +165,8 @@ def build_terms(
         # need its context)
         head_scale = imp if block_scale == "importance" else np.full_like(imp, imp.mean())
         value = (head_scale * weight)[..., None] * block_field[..., qb, kb].astype(np.float64) / nqb
+        if coupling is not None:
+            coupling = (head_scale * weight)[..., None] * coupling.astype(np.float64) / nqb
     size = float(np.abs(value).mean()) if value.size else 0.0
     scale = size if size > 0 else 1.0
     red = np.clip(redundancy.astype(np.float64), 0.0, None)
@@ -167,6 +189,7 @@ def build_terms(
         block_penalty=2.0 * kappa_c + margin,
         contiguity=kappa_c,
         weight=weight,
+        coupling=None if absolute else coupling,
     )
 
 
@@ -238,7 +261,9 @@ def build_subproblem(
     imp = terms.importance[layer, hs]
     delta, pen, kap = terms.block_penalty, terms.kv_penalty, terms.contiguity
 
-    head_lin = -imp + value.sum(1) + lam * nqb + mu + pen - pair.sum(1)
+    gamma = terms.coupling[layer, hs] if terms.coupling is not None else None  # (k, P)
+    lost = value.sum(1) + (gamma.sum(1) if gamma is not None else 0.0)  # every block dropped
+    head_lin = -imp + lost + lam * nqb + mu + pen - pair.sum(1)
     linear = np.concatenate(
         [head_lin, np.full(len(kv), terms.kv_cost), np.full(k * nb, delta)]
     ).astype(np.float64)
@@ -248,6 +273,10 @@ def build_subproblem(
     cols = [np.array([kv_pos[g] for g in groups.tolist()], dtype=np.int64), block_ids.reshape(-1)]
     # head–block product: price λ minus value, minus the contiguity reward with the diagonal block
     hb = lam - value - delta - kap * (kb == qb - 1)[None, :]
+    if gamma is not None:
+        # γ(1 − z_a)(1 − z_b) for a kept head: γ goes to the head, −γ to each head–block product, +γ to
+        # the block pair (both blocks are 0 in a dropped head, so the pair needs no head factor)
+        hb = hb - row.marginals(gamma, np.ones_like(value), nqb)
     quad = [np.full(k, -pen), hb.reshape(-1)]
     iu, ju = np.triu_indices(k, k=1)
     nz = pair[iu, ju] != 0
@@ -262,6 +291,12 @@ def build_subproblem(
         rows.append(left)
         cols.append(right)
         quad.append(np.full(left.size, -kap))
+    if gamma is not None:
+        pa, pb = row.row_pairs(nqb)
+        nz = gamma != 0
+        rows.append(block_ids[:, pa][nz])
+        cols.append(block_ids[:, pb][nz])
+        quad.append(gamma[nz])
     offset = float(imp.sum() + np.triu(pair, k=1).sum())
     return Subproblem(
         layer=layer,
@@ -316,6 +351,8 @@ def objective(terms: Terms, heads: np.ndarray, blocks: np.ndarray) -> np.ndarray
     num_layers = x.shape[0]
     lost_heads = (terms.importance * (1.0 - x)).sum(-1)
     lost_blocks = (x * (terms.value * (1.0 - z)).sum(-1)).sum(-1)
+    if terms.coupling is not None:
+        lost_blocks = lost_blocks + (x * row.energy(terms.coupling, 1.0 - z, terms.nqb)).sum(-1)
     drop = 1.0 - x
     pairs = 0.5 * np.einsum("lh,lhk,lk->l", drop, terms.pair, drop)
     kv_kept = np.zeros(num_layers)

@@ -33,7 +33,7 @@ def head_moves(
     """Best-of-two compound moves per head until none improves: (canonical state (n,) int8, moves)."""
     nb = terms.value.shape[-1]
     qb, kb = offdiag_blocks(terms.nqb)
-    gain = terms.value[sub.layer, sub.heads] + terms.contiguity * (kb == qb - 1)[None, :]
+    gain = terms.values_at(lam)[sub.layer, sub.heads] + terms.contiguity * (kb == qb - 1)[None, :]
     best_blocks = gain > lam  # (k, NB) conditional optimum of a kept head's blocks
     state = canonical(sub, nb, state, terms.kv_groups)
     energy = float(sub.energy(state[None, :])[0])

@@ -64,6 +64,14 @@ class SolveConfig:
             "help": "block values scale with: importance (the head's) | flat (the model's mean)"
         },
     )
+    row_coupling: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the pairwise row coupling γ(1−z_a)(1−z_b), γ = log(1 + p_a p_b/(1 − "
+            "p_a − p_b)): dropping blocks of one query row together costs more than apart "
+            "(−log(1 − Σp) is convex); 1 = the exact pairwise term, 0 = off; not with grad values"
+        },
+    )
     importance_source: str = field(
         default="ablation", metadata={"help": "head importance: ablation | grad"}
     )
@@ -131,7 +139,19 @@ class SolveConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"solve.{name} must be positive, got {value}")
-        for name in ("mass_scale", "redundancy_weight", "kv_cost", "contiguity", "milp_time_limit"):
+        if self.row_coupling and self.block_value in ABSOLUTE_BLOCK_VALUES:
+            raise UserError(
+                f"solve.row_coupling needs row-share block values (profile, kl, mass), not "
+                f"{self.block_value}"
+            )
+        for name in (
+            "mass_scale",
+            "redundancy_weight",
+            "kv_cost",
+            "contiguity",
+            "milp_time_limit",
+            "row_coupling",
+        ):
             if getattr(self, name) < 0:
                 raise UserError(f"solve.{name} must be non-negative, got {getattr(self, name)}")
         if self.max_block_variables < 0:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from gravity_sparse.errors import UserError
-from gravity_sparse.qubo import anneal, exact
+from gravity_sparse.qubo import anneal, coupling, exact
 from gravity_sparse.qubo.baselines import baseline_masks, important_heads
 from gravity_sparse.qubo.formulation import (
     Terms,
@@ -84,6 +84,28 @@ def block_values(field: dict[str, torch.Tensor], kind: str) -> np.ndarray:
     nqb = cost.shape[-1]
     cost = cost * np.tril(np.ones((nqb, nqb)))
     return cost / np.maximum(cost.sum(-1, keepdims=True), 1e-12)
+
+
+def row_coupling(field: dict[str, torch.Tensor], kind: str, weight: float) -> np.ndarray | None:
+    """(L, H, P) the row-coupling pair costs γ_ab (`qubo.coupling`) in the row-share units of
+    `block_values(field, kind)`, times `weight`; None when weight is 0.
+
+    γ comes from the measured mean masses (block_field); it is divided by the same row normaliser as the
+    block values: the row's summed drop cost Σ −log(1 − p) for kl, its mass (≈ 1) for mass and profile.
+    """
+    if not weight:
+        return None
+    masses = field["block_field"].double().numpy()
+    nqb = masses.shape[-1]
+    lower = np.tril(np.ones((nqb, nqb)))
+    if kind == "kl":
+        rows = (field["block_cost"].double().numpy() * lower).sum(-1)
+    else:
+        rows = (masses * lower).sum(-1)
+    qb, _ = offdiag_blocks(nqb)
+    first, _ = coupling.row_pairs(nqb)
+    norm = np.maximum(rows[..., qb[first]], 1e-12)
+    return weight * coupling.pair_cost(masses) / norm
 
 
 def budget(cfg: SolveConfig, num_layers: int, num_heads: int, nqb: int) -> tuple[int, int | None]:
@@ -203,6 +225,7 @@ def solve_field(
         penalty_margin=cfg.penalty_margin,
         block_scale=cfg.block_scale,
         absolute=cfg.block_value in ABSOLUTE_BLOCK_VALUES,
+        coupling=row_coupling(field, cfg.block_value, cfg.row_coupling),
     )
     components = [head_components(terms, layer) for layer in range(num_layers)]
     heads0 = np.ones((num_layers, num_heads), dtype=bool)
