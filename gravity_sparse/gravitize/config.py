@@ -41,7 +41,8 @@ class GravitizeConfig:
         default="teacher,train",
         metadata={
             "help": "comma-separated texts to distil on: corpus splits, files, or teacher "
-            "(conversations the original model samples)"
+            "(conversations the original model samples), or repeats[:SPLIT] (windows that repeat "
+            "spans of a split, so that copying from context carries over)"
         },
     )
     distill_teacher_tokens: int = field(

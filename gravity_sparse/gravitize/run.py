@@ -346,9 +346,11 @@ def _distill_data(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, validation) token streams: each text of `distill_text` gives its first 90% to training and
     up to its share of DISTILL_VAL_WINDOWS windows from the last 10% to validation. "teacher" is text the
-    original model samples (`teacher_text`, cached in `scratch` so that a rerun does not sample again)."""
+    original model samples (`teacher_text`, cached in `scratch` so that a rerun does not sample again);
+    "repeats" or "repeats:SPLIT" are windows that repeat spans of a text (`repeat_windows`), to keep copying
+    from context."""
     from ..model.data import encode_text, resolve_text
-    from .distill import teacher_text
+    from .distill import repeat_windows, teacher_text
 
     names = [n.strip() for n in cfg.distill_text.split(",") if n.strip()]
     if not names:
@@ -365,6 +367,11 @@ def _distill_data(
                 ids = teacher_text(source, tok, cfg.distill_teacher_tokens, seed=cfg.seed)
                 torch.save(ids, cached.with_suffix(".tmp"))
                 cached.with_suffix(".tmp").replace(cached)
+        elif name.startswith("repeats"):
+            # repeats[:SPLIT] — windows that repeat spans of a text (default the train split)
+            base = encode_text(tok, resolve_text(name.partition(":")[2] or "train"))
+            count = max(DISTILL_VAL_WINDOWS, base.numel() // seq)
+            ids = repeat_windows(base, seq, count, seed=cfg.seed)
         else:
             ids = encode_text(tok, resolve_text(name))
         cut = int(ids.numel() * 0.9) // seq * seq  # whole windows, so texts do not share one

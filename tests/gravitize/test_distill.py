@@ -15,7 +15,8 @@ from gravity_sparse.gravitize.distill import (
     latest_checkpoint,
     teacher_text,
 )
-from gravity_sparse.model.data import resolve_text
+from gravity_sparse.errors import UserError
+from gravity_sparse.model.data import BlockDataset, resolve_text
 from gravity_sparse.model.tokenizer import build_tokenizer
 
 
@@ -109,3 +110,24 @@ def test_teacher_text_is_sampled_conversations(start):
     assert "<|pad|><|im_start|>" not in text  # no left padding leaks into the stream
     # another seed samples other text
     assert not torch.equal(ids[:300], teacher_text(teacher, tok, 300, **(kw | {"seed": 4}))[:300])
+
+
+def test_repeat_windows_repeat_a_span_inside_every_window():
+    ids = torch.arange(10_000)  # every token unique: a repeat can only come from the construction
+    seq, count = 64, 40
+    stream = distill_mod.repeat_windows(ids, seq, count, seed=5)
+    assert stream.numel() == seq * count
+    windows = stream.view(count, seq)
+    for w in windows.tolist():
+        head = w[:8]
+        later = [i for i in range(8, seq - 7) if w[i : i + 8] == head]
+        assert later, "the opening span does not come back"
+        start = later[0]
+        span = next(n for n in range(seq - start + 1) if start + n == seq or w[n] != w[start + n])
+        assert 8 <= span <= seq // 4  # tokens are unique, so the match ends where the span does
+    # the windows are what BlockDataset sees, and the draw is seeded
+    assert torch.equal(BlockDataset(stream, seq).blocks[0], windows[0])
+    assert torch.equal(stream, distill_mod.repeat_windows(ids, seq, count, seed=5))
+    assert not torch.equal(stream, distill_mod.repeat_windows(ids, seq, count, seed=6))
+    with pytest.raises(UserError, match="repeats need seq_len"):
+        distill_mod.repeat_windows(ids, 16, 1)
