@@ -7,6 +7,7 @@ import pytest
 import torch
 from test_gravitize import tiny_llama
 
+from gravity_sparse.errors import UserError
 from gravity_sparse.gravitize import distill as distill_mod
 from gravity_sparse.gravitize.convert import gravity_from_pretrained
 from gravity_sparse.gravitize.distill import (
@@ -15,7 +16,6 @@ from gravity_sparse.gravitize.distill import (
     latest_checkpoint,
     teacher_text,
 )
-from gravity_sparse.errors import UserError
 from gravity_sparse.model.data import BlockDataset, resolve_text
 from gravity_sparse.model.tokenizer import build_tokenizer
 
