@@ -221,6 +221,10 @@ def test_retrieval_check_smoke(tmp_path):
     assert [c["length"] for c in gravity["passkey"]] == [400]
     assert [c["gap"] for c in gravity["induction"]] == [0, 40]
     assert "no gravity_base" in ref["skipped"]  # the tiny model was not gravitized
+    out = tmp_path / "noref"
+    assert script.main(["--smoke", "--no-reference", "--out", str(out)]) == 0
+    payload = json.loads(next(out.glob("*-retrieval-check-cpu-smoke.json")).read_text())
+    assert payload["models"][1]["skipped"] == "skipped (--no-reference)"
 
 
 def test_induction_score_is_one_for_a_copier_and_zero_for_a_model_that_never_copies():
