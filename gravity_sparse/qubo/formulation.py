@@ -61,7 +61,7 @@ Shapes: L layers, H query heads, G KV heads, NQB query blocks, NB off-diagonal c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dimod
 import networkx as nx
@@ -91,6 +91,7 @@ class Terms:
     contiguity: float  # κ_c
     weight: np.ndarray  # (L, H) sharpness weight w_h
     coupling: np.ndarray | None = None  # (L, H, P) γ_hab over `row_pairs(nqb)`, nats; None: none
+    _priced: dict = field(default_factory=dict, repr=False, compare=False)  # values_at's last λ
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -102,10 +103,11 @@ class Terms:
         the multiplier search and the repair price blocks by this; the BQM holds the exact pairs."""
         if self.coupling is None:
             return self.value
-        if getattr(self, "_at", (None,))[0] != lam:
+        if lam not in self._priced:
             drop = (self.value <= lam).astype(np.float64)
-            self._at = (lam, self.value + row.marginals(self.coupling, drop, self.nqb))
-        return self._at[1]
+            self._priced.clear()  # one λ at a time: the search moves λ on every step
+            self._priced[lam] = self.value + row.marginals(self.coupling, drop, self.nqb)
+        return self._priced[lam]
 
     def coupled_marginals(self, blocks: np.ndarray) -> np.ndarray:
         """(L, H, NB) the objective change of dropping each block, the others as in `blocks`."""
