@@ -31,6 +31,7 @@ SMOKED = {
     "collect_sweep",
     "dry_run_gravity2",
     "importance_check",
+    "position_loss",
     "retrieval_check",
 }
 
@@ -328,3 +329,33 @@ def test_collect_sweep_smoke(tmp_path, capsys):
     assert (
         "| qubo |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size
     )
+
+
+def test_position_loss_smoke(tmp_path):
+    script = _script("position_loss")
+    assert script.main(["--smoke", "--out", str(tmp_path)]) == 0
+    payload = json.loads(next(tmp_path.glob("*-position-loss-cpu-smoke.json")).read_text())
+    _provenance_ok(payload["provenance"])
+    (row,) = payload["models"]
+    assert list(row["bands"]) == ["0-32", "32-64"]
+    # the overall loss is the mean of equal-sized bands
+    assert row["loss"] == pytest.approx(sum(row["bands"].values()) / 2, rel=1e-5)
+    assert script.main(["--edges", "0,10", "--out", str(tmp_path)]) == 2  # not up to --seq-len
+
+
+def test_position_loss_bands_are_the_losses_at_those_positions():
+    """A model whose loss grows with position shows it band by band."""
+    script = _script("position_loss")
+    vocab = 5
+
+    class Worse(torch.nn.Module):  # uniform at positions < 4, confident and wrong after
+        def forward(self, input_ids):
+            n = input_ids.shape[1]
+            logits = torch.zeros(1, n, vocab)
+            logits[0, 4:, 0] = 10.0
+            return type("Out", (), {"logits": logits})()
+
+    blocks = torch.ones(2, 9, dtype=torch.long)  # targets are token 1, never 0
+    got = script.position_losses(Worse(), blocks, [0, 4, 8])
+    assert got["bands"]["0-4"] == pytest.approx(torch.log(torch.tensor(5.0)).item(), rel=1e-5)
+    assert got["bands"]["4-8"] > 9.0
