@@ -19,17 +19,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
 from _common import provenance  # noqa: E402
 
 from gravity_sparse.model.data import encode_text, resolve_text  # noqa: E402
 from gravity_sparse.model.io import load_model  # noqa: E402
 from gravity_sparse.model.masks import Masks  # noqa: E402
+from gravity_sparse.qubo.baselines import baseline_masks  # noqa: E402
 from gravity_sparse.run.artifacts import require_stage  # noqa: E402
 from gravity_sparse.run.config import load_config  # noqa: E402
 from gravity_sparse.run.pipeline import PipelineConfig  # noqa: E402
 from gravity_sparse.stages.s1_measure.measure import run_measure  # noqa: E402
 from gravity_sparse.stages.s2_solve.field_io import read_field  # noqa: E402
-from gravity_sparse.stages.s2_solve.solve import solve_field  # noqa: E402
+from gravity_sparse.stages.s2_solve.solve import (
+    full_mask,  # noqa: E402
+    solve_field,  # noqa: E402
+)
 from gravity_sparse.stages.s3_apply.apply import sparse_loss  # noqa: E402
 
 VARIANTS = [(v, s) for v in ("profile", "kl", "mass") for s in ("flat", "importance")]
@@ -80,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--densities", nargs="+", type=float, default=None, help="default: the config's density"
     )
+    p.add_argument(
+        "--window-on-qubo-heads",
+        action="store_true",
+        help="also the window + sink blocks on the first variant's own heads (the window baseline keeps "
+        "the most important heads): separates the QUBO's head choice from its block choice",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     overrides = list(args.overrides)
@@ -121,6 +132,19 @@ def main(argv: list[str] | None = None) -> int:
             if coupling:
                 name += f" row_coupling={coupling:g}"
             patterns = {name: (result.head_keep, result.block_mask)}
+            if args.window_on_qubo_heads and (value, scale, coupling) == variants[0]:
+                heads, blocks = baseline_masks(
+                    "window",
+                    tensors["block_field"].double().numpy(),
+                    int(result.report["blocks_target"]),
+                    sink_blocks=cfg.solve.sink_blocks,
+                    heads=result.head_keep.numpy(),
+                )
+                nqb = tensors["block_field"].shape[-1]
+                patterns["baseline window on the QUBO's heads"] = (
+                    torch.from_numpy(heads),
+                    full_mask(nqb, heads, blocks),
+                )
             patterns.update({f"baseline {k}": v for k, v in result.baselines.items()})
             for name, (hk, bm) in patterns.items():
                 masks = Masks(hk, bm, block, length, name)

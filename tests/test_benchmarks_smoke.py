@@ -130,12 +130,17 @@ def test_bench_cpu_sparse_ceiling_is_amdahls_bound():
 def test_ablate_block_value_smoke(tmp_path):
     out = tmp_path / "ablate"
     argv = ["-c", str(ROOT / "pipelines" / "tiny.yaml"), "--smoke", "--out", str(out)]
+    argv.append("--window-on-qubo-heads")
     assert _script("ablate_block_value").main(argv) == 0
     payload = json.loads(out.with_suffix(".json").read_text())
     _provenance_ok(payload["provenance"])
     assert payload["rows"][0]["pattern"] == "dense" and len(payload["rows"]) > 3
     assert any("block_value=grad" in r["pattern"] for r in payload["rows"])
     assert any("row_coupling=1" in r["pattern"] for r in payload["rows"])
+    rows = {r["pattern"]: r for r in payload["rows"]}
+    mine = rows["baseline window on the QUBO's heads"]
+    assert mine["heads_kept"] == rows["qubo block_value=profile block_scale=flat"]["heads_kept"]
+    assert mine["density"] == pytest.approx(rows["baseline window"]["density"], abs=1e-9)
 
 
 @pytest.mark.slow

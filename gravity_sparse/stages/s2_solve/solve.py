@@ -130,7 +130,9 @@ def budget(cfg: SolveConfig, num_layers: int, num_heads: int, nqb: int) -> tuple
     return target, heads
 
 
-def _full_mask(nqb: int, heads: np.ndarray, blocks: np.ndarray) -> torch.Tensor:
+def full_mask(nqb: int, heads: np.ndarray, blocks: np.ndarray) -> torch.Tensor:
+    """(L, H, NQB, NQB) bool block mask from heads (L, H) and off-diagonal blocks (L, H, NB): the diagonal
+    follows its head."""
     qb, kb = offdiag_blocks(nqb)
     mask = np.zeros((*heads.shape, nqb, nqb), dtype=bool)
     mask[..., qb, kb] = blocks & heads[..., None]
@@ -293,7 +295,7 @@ def solve_field(
             sink_blocks=cfg.sink_blocks,
             heads=base_heads,
         )
-        baseline_out[name] = (torch.from_numpy(bh), _full_mask(nqb, bh, bb))
+        baseline_out[name] = (torch.from_numpy(bh), full_mask(nqb, bh, bb))
         baseline_rep[name] = {
             "objective": float(objective(terms, bh, bb).sum()),
             "density": computed_blocks(nqb, bh, bb) / total,
@@ -359,7 +361,7 @@ def solve_field(
     }
     return SolveResult(
         head_keep=torch.from_numpy(heads),
-        block_mask=_full_mask(nqb, heads, blocks),
+        block_mask=full_mask(nqb, heads, blocks),
         baselines=baseline_out,
         report=rep,
         subproblems=subs,
