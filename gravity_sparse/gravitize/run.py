@@ -367,7 +367,7 @@ def _distill_data(
                 ids = teacher_text(source, tok, cfg.distill_teacher_tokens, seed=cfg.seed)
                 torch.save(ids, cached.with_suffix(".tmp"))
                 cached.with_suffix(".tmp").replace(cached)
-        elif name.startswith("repeats"):
+        elif name == "repeats" or name.startswith("repeats:"):
             # repeats[:SPLIT] — windows that repeat spans of a text (default the train split)
             base = encode_text(tok, resolve_text(name.partition(":")[2] or "train"))
             count = max(DISTILL_VAL_WINDOWS, base.numel() // seq)
