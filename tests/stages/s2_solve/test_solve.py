@@ -30,6 +30,7 @@ from gravity_sparse.qubo.formulation import (
 from gravity_sparse.qubo.synthetic import synthetic_field
 from gravity_sparse.stages.s2_solve.config import SolveConfig
 from gravity_sparse.stages.s2_solve.field_io import check_field_matches_model, read_field
+from gravity_sparse.stages.s2_solve.solve import row_coupling as coupling_of
 from gravity_sparse.stages.s2_solve.solve import solve_field
 from gravity_sparse.stages.s2_solve.stage import write_solve_outputs
 
@@ -178,9 +179,11 @@ def test_penalties_are_never_worth_violating(contiguity):
             assert sub.energy(fixed[None])[0] < energy
 
 
-def test_energy_is_objective_plus_prices():
+@pytest.mark.parametrize("row_coupling", [0.0, 1.0])
+def test_energy_is_objective_plus_prices(row_coupling):
     field, meta = synthetic_field(1, 4, 2, 5, seed=5)
-    terms = _terms(field, meta, contiguity=0.3)
+    terms = _terms(field, meta, contiguity=0.3, coupling=coupling_of(field, "mass", row_coupling))
+    assert (terms.coupling is not None) == bool(row_coupling)
     nb = terms.value.shape[-1]
     lam, mu = 0.7 * float(terms.value.mean()), 0.01
     sub = build_subproblem(terms, 0, [0, 1, 2, 3], lam, mu)
