@@ -31,10 +31,7 @@ from gravity_sparse.run.config import load_config  # noqa: E402
 from gravity_sparse.run.pipeline import PipelineConfig  # noqa: E402
 from gravity_sparse.stages.s1_measure.measure import run_measure  # noqa: E402
 from gravity_sparse.stages.s2_solve.field_io import read_field  # noqa: E402
-from gravity_sparse.stages.s2_solve.solve import (
-    full_mask,  # noqa: E402
-    solve_field,  # noqa: E402
-)
+from gravity_sparse.stages.s2_solve.solve import full_mask, solve_field  # noqa: E402
 from gravity_sparse.stages.s3_apply.apply import sparse_loss  # noqa: E402
 
 VARIANTS = [(v, s) for v in ("profile", "kl", "mass") for s in ("flat", "importance")]

@@ -185,8 +185,10 @@ def repeat_windows(
     gap of 0..(seq_len − 2|A|) tokens of other text, C the text that follows B. Natural text repeats itself
     too rarely for a distillation on it to teach copying from context (induction): gravity-smol, distilled
     on plain text of 256 tokens, copies 1–3 % of a repeated segment where its teacher copies 87 %. On these
-    windows the teacher's distribution over the second A is the copy, so the KL carries it over. Windows
-    are back to back, so `BlockDataset(stream, seq_len)` sees exactly them.
+    windows the teacher's distribution over the second A is the copy, which the KL then asks for (on
+    gravity-smol, 100 LoRA steps of them at 2,048 tokens did not bring copying back:
+    benchmarks/results/2026-12-07-retrieval-check-smol-2k-cpu.md). Windows are back to back, so
+    `BlockDataset(stream, seq_len)` sees exactly them.
     """
     if seq_len < 4 * min_span or ids.numel() < 2 * seq_len:
         raise UserError(
