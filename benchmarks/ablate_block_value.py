@@ -16,6 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -51,10 +52,31 @@ SMOKE = [
 ]
 
 
-def _variant(spec: str) -> tuple[str, str, float]:
-    """block_value[:block_scale[:row_coupling]] → (value, scale, coupling)."""
+def _variant(spec: str) -> dict[str, Any]:
+    """block_value[:block_scale[:row_coupling]], or window[:structure_cost[:block_scale]] (the
+    structured QUBO) → solve config fields."""
     parts = spec.split(":")
-    return parts[0], (parts[1:2] or ["flat"])[0] or "flat", float((parts[2:3] or [0.0])[0])
+    if parts[0] == "window":
+        return {
+            "structure": "window",
+            "structure_cost": (parts[1:2] or ["kl"])[0] or "kl",
+            "block_scale": (parts[2:3] or ["flat"])[0] or "flat",
+        }
+    return {
+        "block_value": parts[0],
+        "block_scale": (parts[1:2] or ["flat"])[0] or "flat",
+        "row_coupling": float((parts[2:3] or [0.0])[0]),
+    }
+
+
+def _name(variant: dict[str, Any]) -> str:
+    if variant.get("structure") == "window":
+        return (
+            f"qubo structure=window cost={variant['structure_cost']} "
+            f"block_scale={variant['block_scale']}"
+        )
+    name = f"qubo block_value={variant['block_value']} block_scale={variant['block_scale']}"
+    return name + (f" row_coupling={variant['row_coupling']:g}" if variant["row_coupling"] else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         nargs="+",
         default=None,
-        help="block_value[:block_scale[:row_coupling]] to run (default: all, uncoupled; the first "
-        "also runs the baselines), e.g. kl kl:flat:1",
+        help="block_value[:block_scale[:row_coupling]] or window[:structure_cost[:block_scale]] "
+        "(the structured QUBO) to run (default: every block value, uncoupled; the first also runs "
+        "the baselines), e.g. kl kl:flat:1 window window:mass",
     )
     p.add_argument(
         "--baselines",
@@ -108,28 +131,24 @@ def main(argv: list[str] | None = None) -> int:
     block, length = int(meta["block_size"]), int(meta["seq_len"])
     rows = [{"pattern": "dense", "loss": sparse_loss(model, None, ids, cfg.apply)[0]}]
     start = time.perf_counter()
-    variants = [(*v, 0.0) for v in VARIANTS]
+    variants = [_variant(f"{v}:{s}") for v, s in VARIANTS]
     if args.smoke:
-        variants = [*variants[:2], *variants[-2:], ("mass", "flat", 1.0)]
+        variants = [*variants[:2], *variants[-2:], _variant("mass:flat:1"), _variant("window")]
     if args.variants:
         variants = [_variant(v) for v in args.variants]
     for density in args.densities or [cfg.solve.density]:
-        for value, scale, coupling in variants:
+        for variant in variants:
+            first = variant is variants[0]
             solve_cfg = dataclasses.replace(
                 cfg.solve,
                 density=density,
-                block_value=value,
-                block_scale=scale,
-                row_coupling=coupling,
+                **variant,
                 exact_layers=0,
-                baselines=args.baselines if (value, scale, coupling) == variants[0] else [],
+                baselines=args.baselines if first else [],
             )
             result = solve_field(tensors, meta, solve_cfg)
-            name = f"qubo block_value={value} block_scale={scale}"
-            if coupling:
-                name += f" row_coupling={coupling:g}"
-            patterns = {name: (result.head_keep, result.block_mask)}
-            if args.window_on_qubo_heads and (value, scale, coupling) == variants[0]:
+            patterns = {_name(variant): (result.head_keep, result.block_mask)}
+            if args.window_on_qubo_heads and first:
                 heads, blocks = baseline_masks(
                     "window",
                     tensors["block_field"].double().numpy(),

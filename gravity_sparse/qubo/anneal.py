@@ -21,6 +21,7 @@ moves (`polish.head_moves`: a head flipped with its blocks) and steepest descent
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -79,6 +80,46 @@ def relaxed_count(terms: Terms, lam: float, heads: np.ndarray) -> int:
     return int((heads * (terms.nqb + (terms.values_at(lam) > lam).sum(-1))).sum())
 
 
+def bisect_multipliers(
+    minimise: Callable[[float, float], tuple[int, int]],
+    target_blocks: int,
+    target_heads: int | None,
+    lam_range: tuple[float, float],
+    mu_span: float,
+    steps: int = 48,
+) -> tuple[float, float]:
+    """(λ, μ) at which `minimise(λ, μ) → (computed blocks, kept heads)` meets the targets: λ by bisection
+    for the blocks, inside a bisection on μ ∈ [−2·mu_span, 2·mu_span] for the heads (μ = 0 without a head
+    target). Both counts must fall as their price rises. The closest pair is returned if none is exact."""
+
+    def solve_lam(mu: float) -> tuple[float, int]:
+        lo, hi = lam_range
+        best = (np.inf, 0.0, 0)
+        for _ in range(steps):
+            lam = 0.5 * (lo + hi)
+            count, kept = minimise(lam, mu)
+            if abs(count - target_blocks) < best[0]:
+                best = (abs(count - target_blocks), lam, kept)
+            if count == target_blocks:
+                break
+            lo, hi = (lam, hi) if count > target_blocks else (lo, lam)
+        return best[1], best[2]
+
+    if target_heads is None:
+        return solve_lam(0.0)[0], 0.0
+    lo, hi = -2.0 * mu_span, 2.0 * mu_span
+    best = (np.inf, 0.0, 0.0)
+    for _ in range(steps // 2):
+        mu = 0.5 * (lo + hi)
+        lam, kept = solve_lam(mu)
+        if abs(kept - target_heads) < best[0]:
+            best = (abs(kept - target_heads), lam, mu)
+        if kept == target_heads:
+            break
+        lo, hi = (mu, hi) if kept > target_heads else (lo, mu)
+    return best[1], best[2]
+
+
 def find_multipliers(
     terms: Terms,
     target_blocks: int,
@@ -89,39 +130,17 @@ def find_multipliers(
     """(λ, μ) whose conditional minimiser computes ≈ target_blocks blocks (and keeps target_heads heads)."""
     most = terms.values_at(np.inf)  # every block priced as if its whole row were dropped
 
-    def solve_lam(mu: float) -> tuple[float, np.ndarray]:
-        # block values may be negative (solve.block_value=grad): a budget above the blocks worth keeping
-        # then needs a negative price
-        lo = min(float(terms.value.min(initial=0.0)), 0.0) * 1.01 - 1e-12
-        hi = float(most.max(initial=0.0)) * 1.01 + 1e-12
-        best = (np.inf, 0.0, heads0)
-        for _ in range(steps):
-            lam = 0.5 * (lo + hi)
-            heads = relaxed_heads(terms, lam, mu, heads0)
-            count = relaxed_count(terms, lam, heads)
-            if abs(count - target_blocks) < best[0]:
-                best = (abs(count - target_blocks), lam, heads)
-            if count == target_blocks:
-                break
-            lo, hi = (lam, hi) if count > target_blocks else (lo, lam)
-        return best[1], best[2]
+    def minimise(lam: float, mu: float) -> tuple[int, int]:
+        heads = relaxed_heads(terms, lam, mu, heads0)
+        return relaxed_count(terms, lam, heads), int(heads.sum())
 
-    if target_heads is None:
-        return solve_lam(0.0)[0], 0.0
+    # block values may be negative (solve.block_value=grad): a budget above the blocks worth keeping
+    # then needs a negative price
+    lo = min(float(terms.value.min(initial=0.0)), 0.0) * 1.01 - 1e-12
+    hi = float(most.max(initial=0.0)) * 1.01 + 1e-12
     span = float(terms.importance.max(initial=0.0) + terms.pair.sum(-1).max(initial=0.0))
     span += float(most.sum(-1).max(initial=0.0)) + 1e-9
-    lo, hi = -2.0 * span, 2.0 * span
-    best = (np.inf, 0.0, 0.0)
-    for _ in range(steps // 2):
-        mu = 0.5 * (lo + hi)
-        lam, heads = solve_lam(mu)
-        kept = int(heads.sum())
-        if abs(kept - target_heads) < best[0]:
-            best = (abs(kept - target_heads), lam, mu)
-        if kept == target_heads:
-            break
-        lo, hi = (mu, hi) if kept > target_heads else (lo, mu)
-    return best[1], best[2]
+    return bisect_multipliers(minimise, target_blocks, target_heads, (lo, hi), span, steps)
 
 
 def default_beta_range(sub: Subproblem, terms: Terms, lam: float) -> tuple[float, float]:

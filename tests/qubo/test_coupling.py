@@ -18,7 +18,8 @@ from gravity_sparse.qubo.formulation import (
 )
 from gravity_sparse.qubo.synthetic import synthetic_field
 from gravity_sparse.stages.s2_solve.config import SolveConfig
-from gravity_sparse.stages.s2_solve.solve import row_coupling, solve_field
+from gravity_sparse.stages.s2_solve.solve import solve_field
+from gravity_sparse.stages.s2_solve.values import row_coupling
 
 
 def test_pairs_are_the_blocks_of_one_query_row():

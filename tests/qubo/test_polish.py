@@ -10,7 +10,8 @@ from gravity_sparse.qubo.formulation import build_subproblem, build_terms, split
 from gravity_sparse.qubo.polish import head_moves
 from gravity_sparse.qubo.synthetic import synthetic_field
 from gravity_sparse.stages.s2_solve.config import SolveConfig
-from gravity_sparse.stages.s2_solve.solve import block_values, budget
+from gravity_sparse.stages.s2_solve.solve import budget
+from gravity_sparse.stages.s2_solve.values import block_values
 
 
 def _terms(field, meta, cfg: SolveConfig):

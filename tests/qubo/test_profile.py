@@ -11,7 +11,7 @@ import torch
 
 from gravity_sparse.qubo.profile import profile_field
 from gravity_sparse.qubo.synthetic import synthetic_field
-from gravity_sparse.stages.s2_solve.solve import block_values
+from gravity_sparse.stages.s2_solve.values import block_values
 
 
 def profile_field_reference(profile: torch.Tensor, block_field: torch.Tensor) -> np.ndarray:

@@ -13,6 +13,7 @@ DEFAULT_EPS = 0.1  # GravityConfig's gravity_eps default (a model without the ke
 # what a block is worth: row shares of a measured field, or measured loss changes in nats (absolute)
 ABSOLUTE_BLOCK_VALUES = ("grad", "grad_abs")
 BLOCK_VALUES = ("profile", "kl", "mass", *ABSOLUTE_BLOCK_VALUES)
+STRUCTURES = ("blocks", "window")  # what the QUBO chooses inside a kept head
 
 
 @dataclass
@@ -70,6 +71,22 @@ class SolveConfig:
             "help": "weight of the pairwise row coupling γ(1−z_a)(1−z_b), γ = log(1 + p_a p_b/(1 − "
             "p_a − p_b)): dropping blocks of one query row together costs more than apart "
             "(−log(1 − Σp) is convex); 1 = the exact pairwise term, 0 = off; not with grad values"
+        },
+    )
+    structure: str = field(
+        default="blocks",
+        metadata={
+            "help": "what the QUBO chooses inside a kept head: blocks (every off-diagonal block "
+            "free) | window (one structure per head: a window of w nearest key blocks, with or "
+            "without the sink column, priced by the exact row cost from the distance profile; block_value and row_coupling "
+            "then only set the unit of kv_cost and penalty_margin)"
+        },
+    )
+    structure_cost: str = field(
+        default="kl",
+        metadata={
+            "help": "row cost of a structure (structure=window): kl (−log of the kept share) | mass "
+            "(the dropped share)"
         },
     )
     importance_source: str = field(
@@ -131,6 +148,12 @@ class SolveConfig:
             raise UserError(
                 f"solve.block_scale must be importance or flat, got {self.block_scale!r}"
             )
+        if self.structure not in STRUCTURES:
+            raise UserError(
+                f"solve.structure must be one of {', '.join(STRUCTURES)}, got {self.structure!r}"
+            )
+        if self.structure_cost not in ("kl", "mass"):
+            raise UserError(f"solve.structure_cost must be kl or mass, got {self.structure_cost!r}")
         if self.importance_source not in ("ablation", "grad"):
             raise UserError(
                 f"solve.importance_source must be ablation or grad, got {self.importance_source!r}"

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from gravity_sparse.errors import UserError
-from gravity_sparse.qubo import anneal, coupling, exact
+from gravity_sparse.qubo import anneal, exact
 from gravity_sparse.qubo.baselines import baseline_masks, important_heads
 from gravity_sparse.qubo.formulation import (
     Terms,
@@ -30,7 +30,12 @@ from gravity_sparse.qubo.formulation import (
     violations,
 )
 from gravity_sparse.qubo.limits import check_solve_size
-from gravity_sparse.qubo.profile import profile_field
+from gravity_sparse.qubo.structured_solve import (
+    StructuredTerms,
+    build_structured,
+    solve_structured,
+    structured_objective,
+)
 from gravity_sparse.stages.s2_solve.config import (
     ABSOLUTE_BLOCK_VALUES,
     DEFAULT_EPS,
@@ -38,6 +43,7 @@ from gravity_sparse.stages.s2_solve.config import (
     resolve_eps,
 )
 from gravity_sparse.stages.s2_solve.field_io import validate_field
+from gravity_sparse.stages.s2_solve.values import block_values, row_coupling
 
 
 @dataclass
@@ -48,64 +54,6 @@ class SolveResult:
     report: dict[str, Any]
     subproblems: list[dict[str, Any]]  # Subproblem, its samples and energies (for the BQM files)
     meta: dict[str, str]
-
-
-def block_values(field: dict[str, torch.Tensor], kind: str) -> np.ndarray:
-    """(L, H, NQB, NQB) what the QUBO's block terms use.
-
-    Row shares (each causal row sums to 1, scaled by `build_terms`): mass, the block field itself (mean
-    attention mass); kl, each block's share of its row's drop cost −log(1 − p_qb) averaged over the
-    row's queries (measure's `block_cost`): a block that a few queries cannot do without (the previous
-    block, for the first queries of a block) is worth more than its mean mass says; profile, the head's
-    distance profile (see `profile_field`).
-    Absolute, in nats: grad, −∂loss/∂β per block (measure's `block_grad`), the first-order loss change of
-    dropping it, of either sign: a block the model is better without has a negative value; grad_abs,
-    the mean over sequences of |∂loss_s/∂β| (`block_grad_abs`), the first-order saliency.
-    """
-    if kind in ABSOLUTE_BLOCK_VALUES:
-        key = "block_grad" if kind == "grad" else "block_grad_abs"
-        if key not in field:
-            raise UserError(
-                f"the field has no {key}: re-run measure with measure.block_grad=true (and "
-                "measure.importance grad or both), or choose another solve.block_value"
-            )
-        values = field[key].double().numpy()
-        return -values if kind == "grad" else values
-    if kind == "mass":
-        return field["block_field"].double().numpy()
-    if kind == "profile":
-        return profile_field(field["profile"], field["block_field"])
-    if "block_cost" not in field:
-        raise UserError(
-            "the field has no block_cost (measured by an older version?): re-run measure, "
-            "or set solve.block_value=mass"
-        )
-    cost = field["block_cost"].double().numpy()
-    nqb = cost.shape[-1]
-    cost = cost * np.tril(np.ones((nqb, nqb)))
-    return cost / np.maximum(cost.sum(-1, keepdims=True), 1e-12)
-
-
-def row_coupling(field: dict[str, torch.Tensor], kind: str, weight: float) -> np.ndarray | None:
-    """(L, H, P) the row-coupling pair costs γ_ab (`qubo.coupling`) in the row-share units of
-    `block_values(field, kind)`, times `weight`; None when weight is 0.
-
-    γ comes from the measured mean masses (block_field); it is divided by the same row normaliser as the
-    block values: the row's summed drop cost Σ −log(1 − p) for kl, its mass (≈ 1) for mass and profile.
-    """
-    if not weight:
-        return None
-    masses = field["block_field"].double().numpy()
-    nqb = masses.shape[-1]
-    lower = np.tril(np.ones((nqb, nqb)))
-    if kind == "kl":
-        rows = (field["block_cost"].double().numpy() * lower).sum(-1)
-    else:
-        rows = (masses * lower).sum(-1)
-    qb, _ = offdiag_blocks(nqb)
-    first, _ = coupling.row_pairs(nqb)
-    norm = np.maximum(rows[..., qb[first]], 1e-12)
-    return weight * coupling.pair_cost(masses) / norm
 
 
 def budget(cfg: SolveConfig, num_layers: int, num_heads: int, nqb: int) -> tuple[int, int | None]:
@@ -183,6 +131,145 @@ def _exact_checks(
     return checks
 
 
+def _solve_blocks(
+    cfg: SolveConfig, terms: Terms, target: int, target_heads: int | None
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any], list[dict[str, Any]]]:
+    """The free-block QUBO: multipliers, annealing rounds, repair, exact checks."""
+    num_layers, num_heads, nb = terms.value.shape
+    nqb = terms.nqb
+    components = [head_components(terms, layer) for layer in range(num_layers)]
+    heads0 = np.ones((num_layers, num_heads), dtype=bool)
+    lam = mu = None
+    rounds = []
+    for _ in range(cfg.bisection_rounds):
+        new_lam, new_mu = anneal.find_multipliers(terms, target, target_heads, heads0)
+        if lam is not None and np.isclose(new_lam, lam) and np.isclose(new_mu, mu):
+            break
+        lam, mu = new_lam, new_mu
+        results = anneal.anneal_all(
+            terms,
+            components,
+            lam,
+            mu,
+            seed=cfg.seed,
+            num_reads=cfg.num_reads,
+            num_sweeps=cfg.num_sweeps,
+            beta_range=tuple(cfg.beta_range) if cfg.beta_range else None,
+            polish=cfg.polish,
+            threads=cfg.threads,
+        )
+        heads0, blocks0 = anneal.gather(terms, results)
+        rounds.append({"lambda": lam, "mu": mu, "blocks": computed_blocks(nqb, heads0, blocks0)})
+    heads, blocks, moved = anneal.repair(terms, heads0, blocks0, lam, target, target_heads)
+    finals, bad = [], 0
+    for res in results:
+        sub = res.sub
+        x = heads[sub.layer, sub.heads]
+        y = np.array([x[terms.kv_groups[sub.layer, sub.heads] == g].any() for g in sub.kv])
+        final = join_state(x, y, blocks[sub.layer, sub.heads])
+        bad += violations(sub, nb, final, terms.kv_groups) + violations(
+            sub, nb, res.state, terms.kv_groups
+        )
+        finals.append(final)
+    if bad:
+        raise RuntimeError(
+            f"solve produced {bad} constraint violations (a bug: penalties too small)"
+        )
+    t_check = time.perf_counter()
+    checks = _exact_checks(cfg, terms, results, finals)
+    gaps = [
+        c[k]["gap"]
+        for c in checks
+        for k in ("milp", "brute_force")
+        if c.get(k, {}).get("gap") is not None
+    ]
+    sub_reports, subs = [], []
+    for res, final in zip(results, finals, strict=True):
+        sub = res.sub
+        sub_reports.append(
+            {
+                "layer": sub.layer,
+                "heads": sub.heads,
+                "num_variables": sub.num_variables,
+                "num_interactions": len(sub.quad),
+                "energy_anneal": res.energy_anneal,
+                "energy_polished": res.energy,
+                "energy_final": float(sub.energy(final[None, :])[0]),
+                "violations_anneal": res.violations_raw,
+                "seconds": res.seconds,
+                "beta_range": list(res.beta_range),
+                "seed": res.seed,
+            }
+        )
+        subs.append({"sub": sub, "anneal": res.state, "final": final, "lambda": lam, "mu": mu})
+    info = {
+        "lambda": lam,
+        "mu": mu,
+        "rounds": rounds,
+        "repair": moved,
+        "constraint_violations": bad,
+        "check_seconds": time.perf_counter() - t_check,
+        "max_gap": max(gaps) if gaps else None,
+        "num_subproblems": len(results),
+        "num_variables": int(sum(r.sub.num_variables for r in results)),
+        "exact_checks": checks,
+        "subproblems": sub_reports,
+    }
+    return heads, blocks, info, subs
+
+
+def _solve_windows(
+    cfg: SolveConfig,
+    structured: StructuredTerms,
+    block_field: np.ndarray,
+    target: int,
+    target_heads: int | None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any], list[dict[str, Any]]]:
+    """The structured QUBO (one window structure per head): its masks, report entries and BQMs."""
+    heads, blocks, info, results = solve_structured(
+        structured,
+        block_field,
+        target,
+        target_heads,
+        seed=cfg.seed,
+        num_reads=cfg.num_reads,
+        num_sweeps=cfg.num_sweeps,
+        threads=cfg.threads,
+    )
+    subs, sub_reports = [], []
+    for r in results:
+        p = r.problem
+        final = p.state(r.final)
+        subs.append(
+            {
+                "sub": p,
+                "anneal": r.anneal,
+                "final": final,
+                "lambda": info["lambda"],
+                "mu": info["mu"],
+            }
+        )
+        sub_reports.append(
+            {
+                "layer": p.layer,
+                "num_variables": p.num_variables,
+                "energy_anneal": r.energy_anneal,
+                "energy_polished": r.energy,
+                "energy_exact": r.exact_energy,
+                "violations_anneal": r.violations,
+                "seconds": r.seconds,
+            }
+        )
+    info.update(
+        constraint_violations=0,
+        check_seconds=0.0,
+        num_subproblems=len(results),
+        num_variables=int(sum(r.problem.num_variables for r in results)),
+        subproblems=sub_reports,
+    )
+    return heads, blocks, info, subs
+
+
 def solve_field(
     field: dict[str, torch.Tensor],
     field_meta: dict[str, str],
@@ -229,57 +316,27 @@ def solve_field(
         absolute=cfg.block_value in ABSOLUTE_BLOCK_VALUES,
         coupling=row_coupling(field, cfg.block_value, cfg.row_coupling),
     )
-    components = [head_components(terms, layer) for layer in range(num_layers)]
-    heads0 = np.ones((num_layers, num_heads), dtype=bool)
-    lam = mu = None
-    rounds = []
-    for _ in range(cfg.bisection_rounds):
-        new_lam, new_mu = anneal.find_multipliers(terms, target, target_heads, heads0)
-        if lam is not None and np.isclose(new_lam, lam) and np.isclose(new_mu, mu):
-            break
-        lam, mu = new_lam, new_mu
-        results = anneal.anneal_all(
+    if cfg.structure == "window":
+        structured = build_structured(
+            field["profile"].double().numpy(),
+            block_field,
             terms,
-            components,
-            lam,
-            mu,
-            seed=cfg.seed,
-            num_reads=cfg.num_reads,
-            num_sweeps=cfg.num_sweeps,
-            beta_range=tuple(cfg.beta_range) if cfg.beta_range else None,
-            polish=cfg.polish,
-            threads=cfg.threads,
+            kind=cfg.structure_cost,
+            block_scale=cfg.block_scale,
         )
-        heads0, blocks0 = anneal.gather(terms, results)
-        rounds.append({"lambda": lam, "mu": mu, "blocks": computed_blocks(nqb, heads0, blocks0)})
-    heads, blocks, moved = anneal.repair(terms, heads0, blocks0, lam, target, target_heads)
-    solve_seconds = time.perf_counter() - t_start
+        heads, blocks, info, subs = _solve_windows(
+            cfg, structured, block_field, target, target_heads
+        )
+    else:
+        structured = None
+        heads, blocks, info, subs = _solve_blocks(cfg, terms, target, target_heads)
+    solve_seconds = time.perf_counter() - t_start - info["check_seconds"]
     solve_cpu_seconds = (
         time.process_time() - cpu_start
     )  # all threads: what the solve costs unshared
-
-    nb = terms.value.shape[-1]
-    finals, subs, bad = [], [], 0
-    for res in results:
-        sub = res.sub
-        x = heads[sub.layer, sub.heads]
-        y = np.array([x[terms.kv_groups[sub.layer, sub.heads] == g].any() for g in sub.kv])
-        final = join_state(x, y, blocks[sub.layer, sub.heads])
-        bad += violations(sub, nb, final, terms.kv_groups) + violations(
-            sub, nb, res.state, terms.kv_groups
-        )
-        finals.append(final)
-    if bad:
-        raise RuntimeError(
-            f"solve produced {bad} constraint violations (a bug: penalties too small)"
-        )
     count = computed_blocks(nqb, heads, blocks)
     if count != target or (target_heads is not None and int(heads.sum()) != target_heads):
         raise RuntimeError(f"repair missed the budget: {count} blocks for {target}")
-
-    t_check = time.perf_counter()
-    checks = _exact_checks(cfg, terms, results, finals)
-    check_seconds = time.perf_counter() - t_check
 
     total = num_layers * num_heads * causal_blocks_per_head(nqb)
     qubo_obj = objective(terms, heads, blocks)
@@ -301,31 +358,14 @@ def solve_field(
             "density": computed_blocks(nqb, bh, bb) / total,
             "heads_kept": int(bh.sum()),
         }
-    gaps = [
-        c[k]["gap"]
-        for c in checks
-        for k in ("milp", "brute_force")
-        if c.get(k, {}).get("gap") is not None
-    ]
-    sub_reports = []
-    for res, final in zip(results, finals, strict=True):
-        sub = res.sub
-        sub_reports.append(
-            {
-                "layer": sub.layer,
-                "heads": sub.heads,
-                "num_variables": sub.num_variables,
-                "num_interactions": len(sub.quad),
-                "energy_anneal": res.energy_anneal,
-                "energy_polished": res.energy,
-                "energy_final": float(sub.energy(final[None, :])[0]),
-                "violations_anneal": res.violations_raw,
-                "seconds": res.seconds,
-                "beta_range": list(res.beta_range),
-                "seed": res.seed,
-            }
+        if structured is not None:
+            baseline_rep[name]["structured_objective"] = structured_objective(
+                structured, bh, baseline_out[name][1].numpy()
+            )
+    if structured is not None:
+        info["structured_objective"] = structured_objective(
+            structured, heads, full_mask(nqb, heads, blocks).numpy()
         )
-        subs.append({"sub": sub, "anneal": res.state, "final": final, "lambda": lam, "mu": mu})
     rep = {
         "density_target": cfg.density,
         "density": count / total,
@@ -335,22 +375,13 @@ def solve_field(
         "heads_kept": int(heads.sum()),
         "heads_dropped": int(heads.size - heads.sum()),
         "heads_target": target_heads,
-        "lambda": lam,
-        "mu": mu,
-        "rounds": rounds,
-        "repair": moved,
-        "constraint_violations": bad,
+        "structure": cfg.structure,
         "objective": float(qubo_obj.sum()),
         "objective_per_layer": qubo_obj.tolist(),
         "solve_seconds": solve_seconds,
         "solve_cpu_seconds": solve_cpu_seconds,
-        "check_seconds": check_seconds,
-        "max_gap": max(gaps) if gaps else None,
-        "num_subproblems": len(results),
-        "num_variables": int(sum(r.sub.num_variables for r in results)),
+        **info,
         "baselines": baseline_rep,
-        "exact_checks": checks,
-        "subproblems": sub_reports,
         "config": {**asdict(cfg), "eps": eps},
         "load_average": list(os.getloadavg()),
     }

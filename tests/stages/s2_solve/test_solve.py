@@ -30,9 +30,9 @@ from gravity_sparse.qubo.formulation import (
 from gravity_sparse.qubo.synthetic import synthetic_field
 from gravity_sparse.stages.s2_solve.config import SolveConfig
 from gravity_sparse.stages.s2_solve.field_io import check_field_matches_model, read_field
-from gravity_sparse.stages.s2_solve.solve import row_coupling as coupling_of
 from gravity_sparse.stages.s2_solve.solve import solve_field
 from gravity_sparse.stages.s2_solve.stage import write_solve_outputs
+from gravity_sparse.stages.s2_solve.values import row_coupling as coupling_of
 
 
 def _terms(field: dict[str, torch.Tensor], meta: dict[str, str], **kw) -> object:
