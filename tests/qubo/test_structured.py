@@ -192,7 +192,9 @@ def test_window_bqm_files_hold_the_solution(field, tmp_path):
     from gravity_sparse.stages.s2_solve.stage import write_solve_outputs
 
     tensors, meta = field
-    result = solve_field(tensors, meta, SolveConfig(density=0.3, head_drop=0.25, structure="window"))
+    result = solve_field(
+        tensors, meta, SolveConfig(density=0.3, head_drop=0.25, structure="window")
+    )
     write_solve_outputs(result, tmp_path)
     files = sorted((tmp_path / "bqm").glob("*.json"))
     assert len(files) == 4  # one BQM per layer
