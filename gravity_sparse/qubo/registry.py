@@ -10,6 +10,8 @@ QUBO = "qubo"  # the label of the QUBO's masks in configs (`masks: qubo`) and ta
 QUBO_METHOD = "qubo-sa"  # the method stored in masks.safetensors (simulated annealing)
 BASELINES = ("greedy", "window", "random", "uniform")  # at the same budget as the QUBO
 METHODS = (QUBO, *BASELINES)
+# row cost of a window structure (solve.structure_cost) for kept share k: −log k, 1 − k, (1 − k)²
+STRUCTURE_COSTS = ("kl", "mass", "sq")
 BRUTE_FORCE_MAX = 20  # exact checks enumerate at most 2^20 states per subproblem
 
 

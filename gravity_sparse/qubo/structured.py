@@ -16,7 +16,10 @@ sink block (d = qb) takes the measured block field's row share where that is lar
 offsets d ≤ w, the sink keeps d = qb; the kept share k_i of query i's row costs
 
     kl:   −log k_i       the KL divergence between the renormalised and the full attention row
-    mass: 1 − k_i        the dropped mass (first-order output change)
+    mass: 1 − k_i        the dropped mass: the size of the head's output change (1 − k)·(v̄_kept − v̄_drop)
+    sq:   (1 − k_i)²     its square: a trained model's loss is flat to first order in a small output
+                         change, so the loss grows with the change squared, and spreading a cut evenly
+                         over heads and queries costs less than concentrating it
 
 averaged over all queries, times the head's scale S_h·w_h (`formulation.build_terms`: flat mean
 importance and the mass sharpness weight). Queries whose row fits in the window cost nothing.
@@ -35,6 +38,7 @@ checked against the exact optimum (`exact_layer`: all drop sets, each kept head 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -42,8 +46,6 @@ import dimod
 import numpy as np
 
 from gravity_sparse.qubo.coupling import offdiag_blocks
-
-STRUCTURE_COSTS = ("kl", "mass")
 
 
 def structures(nqb: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +110,9 @@ def row_model(profile: np.ndarray, sink_share: np.ndarray, block: int) -> RowMod
 
 def _phi(kept: np.ndarray, kind: str) -> np.ndarray:
     kept = np.clip(kept, 1e-12, 1.0)
-    return -np.log(kept) if kind == "kl" else 1.0 - kept
+    if kind == "kl":
+        return -np.log(kept)
+    return 1.0 - kept if kind == "mass" else (1.0 - kept) ** 2
 
 
 def structure_costs(
@@ -238,21 +242,27 @@ class LayerProblem:
 
 
 def polish(problem: LayerProblem, choice: np.ndarray, max_sweeps: int = 50) -> np.ndarray:
-    """Per-head exact moves: each head in turn takes its best option (drop or any structure) given the
-    others, until nothing changes. Never raises the energy."""
+    """Exact moves of one head, then of two heads together: each head (pair of heads) in turn takes its
+    best options (dropped, or its cheapest structure) given the others, until nothing changes. A pair
+    move is what a redundant pair (drop both or neither) and a shared KV head need. Never raises the
+    energy."""
     choice = choice.copy()
+    best_of = problem.option.argmin(1)
+    k = len(choice)
+    groups = [(h,) for h in range(k)] + [(a, b) for a in range(k) for b in range(a + 1, k)]
     for _ in range(max_sweeps):
         changed = False
-        for h in range(len(choice)):
-            best, best_e = choice[h], problem.choice_energy(choice)
-            for option in (-1, int(np.argmin(problem.option[h]))):
+        for group in groups:
+            best, best_e = choice.copy(), problem.choice_energy(choice)
+            for drops in itertools.product((True, False), repeat=len(group)):
                 trial = choice.copy()
-                trial[h] = option
+                for h, drop in zip(group, drops, strict=True):
+                    trial[h] = -1 if drop else best_of[h]
                 e = problem.choice_energy(trial)
                 if e < best_e - 1e-15:
-                    best, best_e = option, e
-            changed |= best != choice[h]
-            choice[h] = best
+                    best, best_e = trial, e
+            changed |= not np.array_equal(best, choice)
+            choice = best
         if not changed:
             break
     return choice

@@ -41,12 +41,12 @@ def _loop_cost(profile, sink, block, masks, kind):
                 mb[0] = max(mb[0], s * (mb.sum() - mb[0]) / (1 - s))
             keep = np.array([masks[h, qb, kb] or kb == qb for kb in range(qb + 1)])
             kept = mb[keep].sum() / mb.sum()
-            costs.append(-np.log(kept) if kind == "kl" else 1 - kept)
+            costs.append({"kl": -np.log(kept), "mass": 1 - kept, "sq": (1 - kept) ** 2}[kind])
         out[h] = np.mean(costs)
     return out
 
 
-@pytest.mark.parametrize("kind", ["kl", "mass"])
+@pytest.mark.parametrize("kind", ["kl", "mass", "sq"])
 def test_mask_costs_equal_a_per_query_loop(kind):
     profile, sink, block, nqb = _random_model(0)
     rng = np.random.default_rng(1)
@@ -56,7 +56,7 @@ def test_mask_costs_equal_a_per_query_loop(kind):
     np.testing.assert_allclose(got, _loop_cost(profile, sink, block, masks, kind), rtol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["kl", "mass"])
+@pytest.mark.parametrize("kind", ["kl", "mass", "sq"])
 def test_structure_costs_closed_form_equals_mask_costs(kind):
     profile, sink, block, nqb = _random_model(2)
     model = st.row_model(profile, sink, block)
@@ -118,15 +118,36 @@ def test_bqm_minimum_is_the_exact_feasible_optimum(seed):
         )
 
 
-def test_polish_reaches_a_per_head_optimum_from_anywhere():
+def test_polish_reaches_a_pairwise_optimum_from_anywhere():
     problem = _tiny_problem(3, heads=6, nqb=5)
     choice = st.polish(problem, np.full(6, -1))
     e = problem.choice_energy(choice)
-    for h in range(6):
-        for option in range(-1, problem.num_structures):
+    options = range(-1, problem.num_structures)
+    for a, b in itertools.combinations(range(6), 2):
+        for oa, ob in itertools.product(options, options):
             trial = choice.copy()
-            trial[h] = option
+            trial[a], trial[b] = oa, ob
             assert problem.choice_energy(trial) >= e - 1e-12
+
+
+def test_polish_moves_two_heads_that_share_a_kv_head():
+    # keeping one head alone pays the whole KV head (0.1 + 1.0 > 0.8), keeping both is cheaper than
+    # dropping both (0.2 + 1.0 < 1.6): only a two-head move gets there from "both dropped"
+    problem = st.LayerProblem(
+        layer=0,
+        heads=[0, 1],
+        kv=[0],
+        option=np.array([[0.1, 0.5], [0.1, 0.5]]),
+        importance=np.array([0.8, 0.8]),
+        pair=np.zeros((2, 2)),
+        groups=np.array([0, 0]),
+        kv_cost=1.0,
+        kv_penalty=1.5,
+        onehot=np.full(2, 10.0),
+    )
+    choice = st.polish(problem, np.array([-1, -1]))
+    assert choice.tolist() == [0, 0]
+    assert problem.choice_energy(choice) == pytest.approx(st.exact_layer(problem)[1])
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +201,7 @@ def test_window_solve_beats_the_window_baseline_on_its_own_objective(field):
 def test_structure_config_errors():
     with pytest.raises(UserError, match="solve.structure must be one of blocks, window"):
         SolveConfig(structure="diagonal")
-    with pytest.raises(UserError, match="structure_cost must be kl or mass"):
+    with pytest.raises(UserError, match="structure_cost must be one of kl, mass, sq"):
         SolveConfig(structure="window", structure_cost="l2")
 
 

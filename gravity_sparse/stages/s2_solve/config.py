@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from gravity_sparse.errors import UserError
 from gravity_sparse.qubo.limits import MAX_BLOCK_VARIABLES
-from gravity_sparse.qubo.registry import BASELINES, BRUTE_FORCE_MAX
+from gravity_sparse.qubo.registry import BASELINES, BRUTE_FORCE_MAX, STRUCTURE_COSTS
 
 DEFAULT_EPS = 0.1  # GravityConfig's gravity_eps default (a model without the key has this ε)
 # what a block is worth: row shares of a measured field, or measured loss changes in nats (absolute)
@@ -85,8 +85,8 @@ class SolveConfig:
     structure_cost: str = field(
         default="kl",
         metadata={
-            "help": "row cost of a structure (structure=window): kl (−log of the kept share) | mass "
-            "(the dropped share)"
+            "help": "row cost of a structure (structure=window), per query with kept attention share "
+            "k: kl (−log k) | mass (1 − k) | sq ((1 − k)², second order in the output change)"
         },
     )
     importance_source: str = field(
@@ -152,8 +152,11 @@ class SolveConfig:
             raise UserError(
                 f"solve.structure must be one of {', '.join(STRUCTURES)}, got {self.structure!r}"
             )
-        if self.structure_cost not in ("kl", "mass"):
-            raise UserError(f"solve.structure_cost must be kl or mass, got {self.structure_cost!r}")
+        if self.structure_cost not in STRUCTURE_COSTS:
+            raise UserError(
+                f"solve.structure_cost must be one of {', '.join(STRUCTURE_COSTS)}, got "
+                f"{self.structure_cost!r}"
+            )
         if self.importance_source not in ("ablation", "grad"):
             raise UserError(
                 f"solve.importance_source must be ablation or grad, got {self.importance_source!r}"
