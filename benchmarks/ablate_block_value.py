@@ -53,7 +53,7 @@ SMOKE = [
 
 
 def _variant(spec: str) -> dict[str, Any]:
-    """block_value[:block_scale[:row_coupling]], or window[:structure_cost[:block_scale]] (the
+    """block_value[:block_scale[:row_coupling]], or window[:structure_cost[:block_scale[:sink]]] (the
     structured QUBO) → solve config fields."""
     parts = spec.split(":")
     if parts[0] == "window":
@@ -61,6 +61,7 @@ def _variant(spec: str) -> dict[str, Any]:
             "structure": "window",
             "structure_cost": (parts[1:2] or ["kl"])[0] or "kl",
             "block_scale": (parts[2:3] or ["flat"])[0] or "flat",
+            "structure_sink": (parts[3:4] or ["always"])[0] or "always",
         }
     return {
         "block_value": parts[0],
@@ -73,7 +74,7 @@ def _name(variant: dict[str, Any]) -> str:
     if variant.get("structure") == "window":
         return (
             f"qubo structure=window cost={variant['structure_cost']} "
-            f"block_scale={variant['block_scale']}"
+            f"block_scale={variant['block_scale']} sink={variant['structure_sink']}"
         )
     name = f"qubo block_value={variant['block_value']} block_scale={variant['block_scale']}"
     return name + (f" row_coupling={variant['row_coupling']:g}" if variant["row_coupling"] else "")
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         nargs="+",
         default=None,
-        help="block_value[:block_scale[:row_coupling]] or window[:structure_cost[:block_scale]] "
+        help="block_value[:block_scale[:row_coupling]] or window[:cost[:block_scale[:sink]]] "
         "(the structured QUBO) to run (default: every block value, uncoupled; the first also runs "
         "the baselines), e.g. kl kl:flat:1 window window:mass",
     )

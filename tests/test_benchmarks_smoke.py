@@ -137,7 +137,10 @@ def test_ablate_block_value_smoke(tmp_path):
     assert payload["rows"][0]["pattern"] == "dense" and len(payload["rows"]) > 3
     assert any("block_value=grad" in r["pattern"] for r in payload["rows"])
     assert any("row_coupling=1" in r["pattern"] for r in payload["rows"])
-    assert any("structure=window cost=kl" in r["pattern"] for r in payload["rows"])
+    assert any(
+        "structure=window cost=kl block_scale=flat sink=always" in r["pattern"]
+        for r in payload["rows"]
+    )
     rows = {r["pattern"]: r for r in payload["rows"]}
     mine = rows["baseline window on the QUBO's heads"]
     assert mine["heads_kept"] == rows["qubo block_value=profile block_scale=flat"]["heads_kept"]

@@ -12,6 +12,10 @@ BASELINES = ("greedy", "window", "random", "uniform")  # at the same budget as t
 METHODS = (QUBO, *BASELINES)
 # row cost of a window structure (solve.structure_cost) for kept share k: −log k, 1 − k, (1 − k)²
 STRUCTURE_COSTS = ("kl", "mass", "sq")
+STRUCTURE_SINKS = (
+    "always",
+    "choose",
+)  # a window structure keeps the sink column always, or may drop it
 BRUTE_FORCE_MAX = 20  # exact checks enumerate at most 2^20 states per subproblem
 
 

@@ -46,14 +46,23 @@ import dimod
 import numpy as np
 
 from gravity_sparse.qubo.coupling import offdiag_blocks
+from gravity_sparse.qubo.registry import STRUCTURE_SINKS
 
 
-def structures(nqb: int) -> tuple[np.ndarray, np.ndarray]:
-    """(widths (S,), sinks (S,) bool): w = 0..NQB−1 without sink, then w = 0..NQB−3 with it (wider
-    windows already hold the sink of every row)."""
-    widths = np.concatenate([np.arange(nqb), np.arange(max(nqb - 2, 0))])
-    sinks = np.concatenate([np.zeros(nqb, bool), np.ones(max(nqb - 2, 0), bool)])
-    return widths, sinks
+def structures(nqb: int, sink: str = "always") -> tuple[np.ndarray, np.ndarray]:
+    """(widths (S,), sinks (S,) bool) of the structures a head may take.
+
+    sink "choose": w = 0..NQB−1 without the sink, then w = 0..NQB−3 with it (wider windows already hold
+    the sink of every row). "always": w = 0..NQB−3 with the sink, and the full causal pattern.
+    """
+    if sink not in STRUCTURE_SINKS:
+        raise ValueError(f"sink must be one of {STRUCTURE_SINKS}, got {sink!r}")
+    with_sink = np.arange(max(nqb - 2, 0))
+    if sink == "always":
+        widths = np.concatenate([with_sink, [nqb - 1]])
+        return widths, np.concatenate([np.ones(len(with_sink), bool), [False]])
+    widths = np.concatenate([np.arange(nqb), with_sink])
+    return widths, np.concatenate([np.zeros(nqb, bool), np.ones(len(with_sink), bool)])
 
 
 def structure_masks(nqb: int, widths: np.ndarray, sinks: np.ndarray) -> np.ndarray:

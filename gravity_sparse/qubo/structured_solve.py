@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from dwave.samplers import SimulatedAnnealingSampler
 
+from gravity_sparse.errors import UserError
 from gravity_sparse.qubo import structured as st
 from gravity_sparse.qubo.anneal import bisect_multipliers, subproblem_seed
 from gravity_sparse.qubo.coupling import offdiag_blocks
@@ -42,12 +43,19 @@ class StructuredTerms:
 
 
 def build_structured(
-    profile: np.ndarray, block_field: np.ndarray, terms: Terms, *, kind: str, block_scale: str
+    profile: np.ndarray,
+    block_field: np.ndarray,
+    terms: Terms,
+    *,
+    kind: str,
+    block_scale: str,
+    sink: str = "always",
 ) -> StructuredTerms:
-    """profile (L, H, T), block_field (L, H, NQB, NQB); the head scale as in `build_terms`."""
+    """profile (L, H, T), block_field (L, H, NQB, NQB); the head scale as in `build_terms`; sink as in
+    `structured.structures`."""
     num_layers, _, nqb, _ = block_field.shape
     block = -(-profile.shape[-1] // nqb)
-    widths, sinks = st.structures(nqb)
+    widths, sinks = st.structures(nqb, sink)
     imp = terms.importance
     head_scale = imp if block_scale == "importance" else np.full_like(imp, imp.mean())
     models = [st.row_model(profile[i], block_field[i, :, :, 0], block) for i in range(num_layers)]
@@ -204,6 +212,10 @@ def repair(
             ok = kept[..., None] & (dblocks > 0) & (dblocks <= target - total)
             score = np.where(ok, dcost / np.where(ok, dblocks, 1), np.inf)
         if not np.isfinite(score).any():
+            if total > target and target_heads is None:  # every kept head at its narrowest
+                moved["heads"] += _moves(s, choice, lam, int(kept.sum()) - 1)
+                kept = choice >= 0
+                continue
             break
         layer, head, option = np.unravel_index(int(np.argmin(score)), score.shape)
         choice[layer, head] = option
@@ -246,6 +258,15 @@ def solve_structured(
         choice = relaxed(s, lam, mu)
         return count(s, choice), int((choice >= 0).sum())
 
+    narrowest = int(s.blocks.min())
+    if target_heads is not None and target < target_heads * narrowest:
+        sink = bool(s.sinks[int(np.argmin(s.blocks))])
+        raise UserError(
+            f"a budget of {target} blocks is below the {target_heads * narrowest} that {target_heads} "
+            f"kept heads need at their narrowest structure ({narrowest} blocks each: the diagonal"
+            f"{' and the sink column' if sink else ''}); raise the density or head_drop"
+            f"{', or set solve.structure_sink=choose' if sink else ''}"
+        )
     lam, mu = bisect_multipliers(minimise, target, target_heads, (0.0, hi), span)
     num_layers = s.costs.shape[0]
 

@@ -60,7 +60,7 @@ def test_mask_costs_equal_a_per_query_loop(kind):
 def test_structure_costs_closed_form_equals_mask_costs(kind):
     profile, sink, block, nqb = _random_model(2)
     model = st.row_model(profile, sink, block)
-    widths, sinks = st.structures(nqb)
+    widths, sinks = st.structures(nqb, "choose")
     closed = st.structure_costs(model, widths, sinks, kind)
     qb, kb = offdiag_blocks(nqb)
     for s, mask in enumerate(st.structure_masks(nqb, widths, sinks)):
@@ -80,7 +80,7 @@ def test_structure_costs_closed_form_equals_mask_costs(kind):
 
 def _tiny_problem(seed: int, heads: int = 2, nqb: int = 3) -> st.LayerProblem:
     rng = np.random.default_rng(seed)
-    widths, _ = st.structures(nqb)
+    widths, _ = st.structures(nqb, "choose")
     option = rng.normal(0.0, 1.0, (heads, len(widths)))
     pair = np.triu(rng.random((heads, heads)), 1)
     imp = rng.random(heads)
@@ -158,7 +158,7 @@ def field():
 @pytest.mark.parametrize("head_drop", [None, 0.25])
 def test_window_solve_meets_the_budget_with_structures(field, head_drop):
     tensors, meta = field
-    cfg = SolveConfig(density=0.3, head_drop=head_drop, seed=2, structure="window")
+    cfg = SolveConfig(density=0.45, head_drop=head_drop, seed=2, structure="window")
     result = solve_field(tensors, meta, cfg)
     rep = result.report
     assert rep["blocks_computed"] == rep["blocks_target"]
@@ -180,9 +180,11 @@ def test_window_solve_meets_the_budget_with_structures(field, head_drop):
         assert ((q - k)[extra] == w + 1).all()  # anything else is on the next diagonal
         partial += int(extra.sum())
     assert partial == rep["repair"]["partial_blocks"]
+    kept = result.head_keep.numpy()
+    assert (sink[kept] | (width[kept] == nqb - 1)).all()  # structure_sink=always
     assert not mask[~result.head_keep.numpy()].any()
     # the change is visible: the free-block QUBO chooses other blocks
-    blocks = solve_field(tensors, meta, SolveConfig(density=0.3, head_drop=head_drop, seed=2))
+    blocks = solve_field(tensors, meta, SolveConfig(density=0.45, head_drop=head_drop, seed=2))
     assert not np.array_equal(blocks.block_mask.numpy(), mask)
     again = solve_field(tensors, meta, cfg)
     assert np.array_equal(again.block_mask.numpy(), mask)
@@ -190,12 +192,25 @@ def test_window_solve_meets_the_budget_with_structures(field, head_drop):
 
 def test_window_solve_beats_the_window_baseline_on_its_own_objective(field):
     tensors, meta = field
-    for density in (0.2, 0.3, 0.5):
+    for density in (0.45, 0.55, 0.7):
         cfg = SolveConfig(density=density, head_drop=0.25, structure="window", baselines=["window"])
         rep = solve_field(tensors, meta, cfg).report
         assert (
             rep["structured_objective"] <= rep["baselines"]["window"]["structured_objective"] + 1e-9
         )
+
+
+def test_a_budget_below_every_head_with_its_sink_is_a_user_error(field):
+    tensors, meta = field
+    # 8 × 8 blocks: diagonal + sink = 15 of 36 blocks a head; 27 heads need 405 of 1,296 (0.31)
+    cfg = SolveConfig(density=0.3, head_drop=0.25, structure="window")
+    with pytest.raises(
+        UserError, match="below the 405 that 27 kept heads need .*structure_sink=choose"
+    ):
+        solve_field(tensors, meta, cfg)
+    # without a head target the solver drops heads instead
+    rep = solve_field(tensors, meta, SolveConfig(density=0.3, structure="window")).report
+    assert rep["blocks_computed"] == rep["blocks_target"] and rep["heads_kept"] < 27
 
 
 def test_structure_config_errors():
@@ -214,7 +229,9 @@ def test_window_bqm_files_hold_the_solution(field, tmp_path):
 
     tensors, meta = field
     result = solve_field(
-        tensors, meta, SolveConfig(density=0.3, head_drop=0.25, structure="window")
+        tensors,
+        meta,
+        SolveConfig(density=0.3, head_drop=0.25, structure="window", structure_sink="choose"),
     )
     write_solve_outputs(result, tmp_path)
     files = sorted((tmp_path / "bqm").glob("*.json"))
@@ -229,8 +246,8 @@ def test_window_bqm_files_hold_the_solution(field, tmp_path):
         energy = bqm.energy(dict(enumerate(final.tolist())))
         assert energy == pytest.approx(record["samples"]["final"]["energy"], abs=1e-12)
         k, layer = 9, record["layer"]
-        nstruct = len(st.structures(8)[0])
+        nstruct = len(st.structures(8, "choose")[0])
         u = final[k : k * (nstruct + 1)].reshape(k, nstruct)
         assert (final[:k] + u.sum(1) == 1).all()  # exactly one option per head
-        widths = st.structures(8)[0][u.argmax(1)]
+        widths = st.structures(8, "choose")[0][u.argmax(1)]
         assert np.array_equal(np.where(final[:k] == 1, -1, widths), width[layer])

@@ -7,7 +7,12 @@ from dataclasses import dataclass, field
 
 from gravity_sparse.errors import UserError
 from gravity_sparse.qubo.limits import MAX_BLOCK_VARIABLES
-from gravity_sparse.qubo.registry import BASELINES, BRUTE_FORCE_MAX, STRUCTURE_COSTS
+from gravity_sparse.qubo.registry import (
+    BASELINES,
+    BRUTE_FORCE_MAX,
+    STRUCTURE_COSTS,
+    STRUCTURE_SINKS,
+)
 
 DEFAULT_EPS = 0.1  # GravityConfig's gravity_eps default (a model without the key has this ε)
 # what a block is worth: row shares of a measured field, or measured loss changes in nats (absolute)
@@ -89,6 +94,13 @@ class SolveConfig:
             "k: kl (−log k) | mass (1 − k) | sq ((1 − k)², second order in the output change)"
         },
     )
+    structure_sink: str = field(
+        default="always",
+        metadata={
+            "help": "structure=window: every kept head keeps the sink column (always) or the QUBO "
+            "decides per head (choose)"
+        },
+    )
     importance_source: str = field(
         default="ablation", metadata={"help": "head importance: ablation | grad"}
     )
@@ -156,6 +168,11 @@ class SolveConfig:
             raise UserError(
                 f"solve.structure_cost must be one of {', '.join(STRUCTURE_COSTS)}, got "
                 f"{self.structure_cost!r}"
+            )
+        if self.structure_sink not in STRUCTURE_SINKS:
+            raise UserError(
+                f"solve.structure_sink must be one of {', '.join(STRUCTURE_SINKS)}, got "
+                f"{self.structure_sink!r}"
             )
         if self.importance_source not in ("ablation", "grad"):
             raise UserError(

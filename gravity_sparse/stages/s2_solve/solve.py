@@ -323,6 +323,7 @@ def solve_field(
             terms,
             kind=cfg.structure_cost,
             block_scale=cfg.block_scale,
+            sink=cfg.structure_sink,
         )
         heads, blocks, info, subs = _solve_windows(
             cfg, structured, block_field, target, target_heads
@@ -331,9 +332,7 @@ def solve_field(
         structured = None
         heads, blocks, info, subs = _solve_blocks(cfg, terms, target, target_heads)
     solve_seconds = time.perf_counter() - t_start - info["check_seconds"]
-    solve_cpu_seconds = (
-        time.process_time() - cpu_start
-    )  # all threads: what the solve costs unshared
+    solve_cpu_seconds = time.process_time() - cpu_start  # all threads: the solve's cost unshared
     count = computed_blocks(nqb, heads, blocks)
     if count != target or (target_heads is not None and int(heads.sum()) != target_heads):
         raise RuntimeError(f"repair missed the budget: {count} blocks for {target}")
