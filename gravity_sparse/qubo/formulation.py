@@ -127,6 +127,17 @@ def mass_weight(mass: np.ndarray, eps: float, mass_scale: float) -> np.ndarray:
     return bound / (bound + mass_scale * max(float(np.median(bound)), 1e-12))
 
 
+def scale_of_heads(importance: np.ndarray, block_scale: str) -> np.ndarray:
+    """S_h: the head's own importance ("importance"), the model's mean ("flat"), or their geometric
+    mean ("sqrt", √(I_h · Ī)): between the two, a head's blocks count more the more the head does."""
+    mean = float(importance.mean()) if importance.size else 0.0
+    if block_scale == "importance":
+        return importance
+    if block_scale == "sqrt":
+        return np.sqrt(importance * mean)
+    return np.full_like(importance, mean)
+
+
 def build_terms(
     block_field: np.ndarray,
     importance: np.ndarray,
@@ -165,7 +176,7 @@ def build_terms(
         # block values scale with the head's ablation importance, or with the model's mean importance
         # ("flat": restricting a head is not ablating it, and a head that is cheap to drop may still
         # need its context)
-        head_scale = imp if block_scale == "importance" else np.full_like(imp, imp.mean())
+        head_scale = scale_of_heads(imp, block_scale)
         value = (head_scale * weight)[..., None] * block_field[..., qb, kb].astype(np.float64) / nqb
         if coupling is not None:
             coupling = (head_scale * weight)[..., None] * coupling.astype(np.float64) / nqb

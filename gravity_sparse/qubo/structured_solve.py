@@ -23,7 +23,7 @@ from gravity_sparse.errors import UserError
 from gravity_sparse.qubo import structured as st
 from gravity_sparse.qubo.anneal import bisect_multipliers, subproblem_seed
 from gravity_sparse.qubo.coupling import offdiag_blocks
-from gravity_sparse.qubo.formulation import Terms
+from gravity_sparse.qubo.formulation import Terms, scale_of_heads
 
 
 @dataclass
@@ -56,8 +56,7 @@ def build_structured(
     num_layers, _, nqb, _ = block_field.shape
     block = -(-profile.shape[-1] // nqb)
     widths, sinks = st.structures(nqb, sink)
-    imp = terms.importance
-    head_scale = imp if block_scale == "importance" else np.full_like(imp, imp.mean())
+    head_scale = scale_of_heads(terms.importance, block_scale)
     models = [st.row_model(profile[i], block_field[i, :, :, 0], block) for i in range(num_layers)]
     raw = np.stack([st.structure_costs(m, widths, sinks, kind) for m in models])
     scale = head_scale * terms.weight

@@ -251,3 +251,32 @@ def test_window_bqm_files_hold_the_solution(field, tmp_path):
         assert (final[:k] + u.sum(1) == 1).all()  # exactly one option per head
         widths = st.structures(8, "choose")[0][u.argmax(1)]
         assert np.array_equal(np.where(final[:k] == 1, -1, widths), width[layer])
+
+
+def test_sqrt_block_scale_is_the_geometric_mean_in_both_formulations(field):
+    from gravity_sparse.qubo.formulation import build_terms, scale_of_heads
+    from gravity_sparse.qubo.structured_solve import build_structured
+
+    tensors, meta = field
+    imp = tensors["importance"].double().numpy()
+    np.testing.assert_allclose(scale_of_heads(imp, "sqrt") ** 2, imp * imp.mean())
+    args = (
+        tensors["block_field"].double().numpy(),
+        imp,
+        tensors["redundancy"].double().numpy(),
+        tensors["mass"].double().numpy(),
+        tensors["kv_groups"].numpy(),
+    )
+    terms = {b: build_terms(*args, num_kv=3, block_scale=b) for b in ("flat", "importance", "sqrt")}
+    # c_hb is linear in S_h: sqrt's values are the geometric mean of flat's and importance's
+    np.testing.assert_allclose(
+        terms["sqrt"].value ** 2, terms["flat"].value * terms["importance"].value, rtol=1e-9
+    )
+    prof, bf = tensors["profile"].double().numpy(), args[0]
+    costs = {
+        b: build_structured(prof, bf, terms[b], kind="kl", block_scale=b).costs
+        for b in ("flat", "importance", "sqrt")
+    }
+    np.testing.assert_allclose(
+        costs["sqrt"] ** 2, costs["flat"] * costs["importance"], rtol=1e-9, atol=1e-30
+    )

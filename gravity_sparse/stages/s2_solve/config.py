@@ -67,7 +67,8 @@ class SolveConfig:
     block_scale: str = field(
         default="flat",
         metadata={
-            "help": "block values scale with: importance (the head's) | flat (the model's mean)"
+            "help": "block values scale with: importance (the head's) | flat (the model's mean) | "
+            "sqrt (their geometric mean)"
         },
     )
     row_coupling: float = field(
@@ -156,9 +157,9 @@ class SolveConfig:
             raise UserError(
                 f"solve.block_value must be one of {', '.join(BLOCK_VALUES)}, got {self.block_value!r}"
             )
-        if self.block_scale not in ("importance", "flat"):
+        if self.block_scale not in ("importance", "flat", "sqrt"):
             raise UserError(
-                f"solve.block_scale must be importance or flat, got {self.block_scale!r}"
+                f"solve.block_scale must be importance, flat or sqrt, got {self.block_scale!r}"
             )
         if self.structure not in STRUCTURES:
             raise UserError(
