@@ -32,8 +32,9 @@ kept). Energy at block price λ and head price μ:
 
 The exactly-one penalty (dimod's `add_linear_equality_constraint`) has A_h above any gain a second or a
 missing choice could bring, so every feasible state beats its violations. Solved by simulated annealing
-(dwave-samplers), then polished by exact per-head moves (a head's best option given the others) and
-checked against the exact optimum (`exact_layer`: all drop sets, each kept head at its best structure).
+(dwave-samplers), then polished by exact moves of one or two heads (their best options given the
+others) and checked against the exact optimum (`exact_layer`: all drop sets, each kept head at its
+best structure).
 """
 
 from __future__ import annotations
@@ -240,8 +241,8 @@ class LayerProblem:
         return out
 
     def decode(self, state: np.ndarray) -> tuple[np.ndarray, int]:
-        """(choice (k,), violations) of an annealer state; a head with no or several options set takes
-        its best single option given the rest (`polish`)."""
+        """(choice (k,), violations) of an annealer state. A head with no option set, or with several,
+        is decoded as dropped or as its first structure set; `polish` then moves it to its best option."""
         k, s = self.option.shape
         drop = state[:k].astype(bool)
         u = state[k : k * (s + 1)].reshape(k, s).astype(bool)

@@ -3,8 +3,8 @@
 The budget is priced as in the block QUBO (`anneal`): λ per computed block, μ per kept head, found by
 bisection on a relaxation that prices each head alone (its cheapest option: dropped, or its best
 structure at λ plus μ; pairs and KV heads ignored). Every layer's BQM is then annealed
-(dwave-samplers), decoded, polished by exact per-head moves and checked against the layer's exact
-optimum. The repair meets the budget exactly: heads by their energy change, then whole structure
+(dwave-samplers), decoded, polished by exact moves of one or two heads and checked against the layer's
+exact optimum. The repair meets the budget exactly: heads by their energy change, then whole structure
 steps (narrower or wider window, sink on or off) by cost per block, and the last blocks, fewer than
 any step, as a partial next diagonal chosen by measured mass.
 """
