@@ -55,13 +55,18 @@ def _provenance_ok(prov: dict) -> None:
     assert prov["config"] and prov["command"]
 
 
-def test_bench_solve_smoke(tmp_path):
-    assert _script("bench_solve").main(["--smoke", "--out", str(tmp_path)]) == 0
-    (result,) = tmp_path.glob("*-solve-cpu.json")
+@pytest.mark.parametrize("structure", ["blocks", "window"])
+def test_bench_solve_smoke(tmp_path, structure):
+    argv = ["--smoke", "--out", str(tmp_path), "--structure", structure]
+    assert _script("bench_solve").main(argv) == 0
+    kind = "-window" if structure == "window" else ""
+    (result,) = tmp_path.glob(f"*-solve{kind}-cpu.json")
     payload = json.loads(result.read_text())
     _provenance_ok(payload["provenance"])
     (case,) = payload["cases"]
     assert case["case"] == "tiny" and case["constraint_violations"] == 0 and case["meets_gap"]
+    assert case["solve_config"]["structure"] == structure
+    assert case["blocks"][0] == case["blocks"][1]
     assert "block_size=1024" in payload["long_context"][0]["refused"]
 
 
