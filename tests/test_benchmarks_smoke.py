@@ -29,6 +29,7 @@ SMOKED = {
     "collect_heal",
     "collect_run",
     "collect_sweep",
+    "context_gain",
     "dry_run_gravity2",
     "importance_check",
     "position_loss",
@@ -225,6 +226,29 @@ def test_importance_check_smoke(tmp_path):
     same = script.compare(x, x, [0, 2])
     assert same["spearman"] == 1.0 and same["drop_overlap"] == same["drop_quarter"] == 4
     assert script.compare(x, -x, [0, 2])["spearman"] == -1.0
+
+
+def test_context_gain_smoke_full_masks_match_dense_and_local_masks_see_nothing(tmp_path):
+    from gravity_sparse.model.masks import Masks, write_masks
+
+    nqb, files = 8, {}
+    for name, keep in (("full", torch.ones(nqb, nqb)), ("diagonal", torch.eye(nqb))):
+        block = torch.tril(keep.bool()).expand(4, 8, nqb, nqb).clone()
+        masks = Masks(torch.ones(4, 8, dtype=torch.bool), block, 16, 16 * nqb, name)
+        files[name] = str(write_masks(masks, tmp_path / f"{name}.safetensors"))
+    argv = ["--smoke", "--out", str(tmp_path), "--masks", files["full"], files["diagonal"]]
+    assert _script("context_gain").main([*argv, "--labels", "full", "diagonal"]) == 0
+    payload = json.loads(next(tmp_path.glob("*-context-gain-cpu-smoke.json")).read_text())
+    _provenance_ok(payload["provenance"])
+    dense, full, diagonal = ({g["gap"]: g for g in row["gaps"]} for row in payload["rows"])
+    assert [r["label"] for r in payload["rows"]] == ["dense", "full", "diagonal"]
+    for gap in (0, 40):
+        assert full[gap]["gain"] == pytest.approx(dense[gap]["gain"], abs=1e-3)
+    # gap 40: the second copy (tokens 64-71, block 4) cannot reach the first (16-23) block by block
+    assert diagonal[40]["gain"] == pytest.approx(0.0, abs=1e-5)
+    assert abs(dense[40]["gain"]) > 1e-3  # ... which the dense model does
+    assert dense[0]["gain"] > 0.5  # an adjacent copy helps the tiny model (seeded prompts: +1.2)
+    assert diagonal[0]["gain"] != pytest.approx(0.0, abs=1e-5)  # gap 0: both copies in block 1
 
 
 def test_retrieval_check_smoke(tmp_path):
