@@ -62,6 +62,7 @@ Shapes: L layers, H query heads, G KV heads, NQB query blocks, NB off-diagonal c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import dimod
 import networkx as nx
@@ -173,9 +174,9 @@ def build_terms(
     if absolute:
         value = block_field[..., qb, kb].astype(np.float64)
     else:
-        # block values scale with the head's ablation importance, or with the model's mean importance
-        # ("flat": restricting a head is not ablating it, and a head that is cheap to drop may still
-        # need its context)
+        # block values scale with the head's ablation importance, the model's mean importance ("flat":
+        # restricting a head is not ablating it, and a head that is cheap to drop may still need its
+        # context), or their geometric mean
         head_scale = scale_of_heads(imp, block_scale)
         value = (head_scale * weight)[..., None] * block_field[..., qb, kb].astype(np.float64) / nqb
         if coupling is not None:
@@ -232,6 +233,10 @@ class Subproblem:
     `offdiag_blocks` order.
     """
 
+    variables_doc: ClassVar[str] = (
+        "labels 0..n-1: query heads (heads order), KV heads (kv_heads order), then off-diagonal "
+        "blocks head by head in numpy.tril_indices(NQB, -1) order"
+    )
     layer: int
     heads: list[int]
     kv: list[int]

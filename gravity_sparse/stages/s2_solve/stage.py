@@ -24,11 +24,6 @@ from gravity_sparse.stages.s2_solve.config import DEFAULT_EPS, resolve_eps
 from gravity_sparse.stages.s2_solve.field_io import check_field_matches_model, read_field
 from gravity_sparse.stages.s2_solve.solve import SolveResult, solve_field
 
-BLOCK_VARIABLES = (
-    "labels 0..n-1: query heads (heads order), KV heads (kv_heads order), then off-diagonal blocks "
-    "head by head in numpy.tril_indices(NQB, -1) order"
-)
-
 
 def _save_masks(
     path: Path, head_keep: torch.Tensor, block_mask: torch.Tensor, meta: dict[str, str], method: str
@@ -67,7 +62,7 @@ def write_solve_outputs(result: SolveResult, out_dir: Path) -> None:
             "layer": sub.layer,
             "heads": sub.heads,
             "kv_heads": sub.kv,
-            "variables": getattr(sub, "variables_doc", BLOCK_VARIABLES),
+            "variables": sub.variables_doc,
             "lambda": item["lambda"],
             "mu": item["mu"],
             "samples": samples,
