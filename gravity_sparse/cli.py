@@ -261,7 +261,8 @@ def cmd_gravitize(args: argparse.Namespace) -> int:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("task", choices=["passkey"], help="passkey: retrieval of a key deep in filler")
+    help_ = "passkey: retrieval of a key deep in filler; recall: which context holds a segment"
+    p.add_argument("task", choices=["passkey", "recall"], help=help_)
     add_config_arguments(p)
 
 
@@ -270,12 +271,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gravity_sparse.experiments.passkey.run import run_passkey
     from gravity_sparse.run.config import load_config
 
-    out, summary = run_passkey(load_config(PasskeyConfig, args.config, args.overrides))
+    overrides = [*args.overrides, f"task={args.task}"]  # the positional task always wins
+    out, summary = run_passkey(load_config(PasskeyConfig, args.config, overrides))
     means = ", ".join(
         f"{e['label']} {sum(r['accuracy'] for r in e['rows']) / len(e['rows']):.2f}"
         for e in summary["results"]
     )
-    emit(args, summary, f"passkey  {out}  (mean accuracy: {means})")
+    emit(args, summary, f"{args.task}  {out}  (mean accuracy: {means})")
     return 0
 
 
@@ -313,7 +315,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "eval",
-        "task evaluations of a model and its masks (passkey retrieval)",
+        "task evaluations of a model and its masks (passkey and recall retrieval)",
         _eval_args,
         cmd_eval,
     ),

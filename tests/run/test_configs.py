@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from gravity_sparse.errors import UserError
+from gravity_sparse.experiments.passkey.config import PasskeyConfig
 from gravity_sparse.experiments.pretrain.config import PretrainConfig
 from gravity_sparse.experiments.sweep.config import SweepConfig
 from gravity_sparse.run.config import build_config, config_to_dict, load_config
@@ -55,7 +56,12 @@ NON_DEFAULT = {
     ),
     SweepConfig: dict(
         densities=[0.3], head_drops=[0.5], methods=["qubo", "uniform"], heal=False,
-        heal_token_budget=1000, eval_max_tokens=100,
+        heal_token_budget=1000, eval_max_tokens=100, recall_trials=8, recall_lengths=[128, 256],
+        recall_depths=[0.5], recall_choices=3, recall_segment=16,
+    ),
+    PasskeyConfig: dict(
+        task="recall", model="some/model", masks=["m.safetensors"], dense=False, lengths=[128],
+        depths=[0.3], trials=7, seed=2, choices=3, segment=16, out="runs/r",
     ),
     PretrainConfig: dict(
         num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=1, intermediate_size=96,

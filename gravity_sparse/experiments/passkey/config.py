@@ -1,4 +1,4 @@
-"""Configuration of `gravity-sparse eval passkey` (light: no torch import)."""
+"""Configuration of `gravity-sparse eval passkey` and `eval recall` (light: no torch import)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,17 @@ from dataclasses import dataclass, field
 
 from gravity_sparse.errors import UserError
 
+TASKS = ("passkey", "recall")
+
 
 @dataclass
 class PasskeyConfig:
+    task: str = field(
+        default="passkey",
+        metadata={
+            "help": "passkey (greedy key retrieval) or recall (which context holds a segment)"
+        },
+    )
     model: str | None = field(default=None, metadata={"help": "model directory (default: tiny)"})
     masks: list[str] = field(
         default_factory=list,
@@ -24,9 +32,20 @@ class PasskeyConfig:
     )
     trials: int = field(default=50, metadata={"help": "trials (keys) per length and depth"})
     seed: int = 0
-    out: str = field(default="runs/passkey", metadata={"help": "results folder (must not exist)"})
+    choices: int = field(
+        default=4, metadata={"help": "recall: contexts per trial (chance 1/choices)"}
+    )
+    segment: int = field(default=32, metadata={"help": "recall: tokens per segment"})
+    out: str | None = field(
+        default=None, metadata={"help": "results folder, must not exist (default runs/<task>)"}
+    )
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise UserError(f"eval task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.choices < 2 or self.segment < 2:
+            raise UserError("recall choices and segment must be at least 2")
+        self.out = self.out or f"runs/{self.task}"
         if not self.lengths or min(self.lengths) < 64:
             raise UserError("passkey lengths must be a non-empty list of at least 64 tokens each")
         if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):

@@ -1,5 +1,6 @@
-"""`gravity-sparse eval passkey`: passkey accuracy of the dense model and of every given mask set, on the
-same prompts; writes passkey.json, passkey.md and passkey.png into a new folder, atomically."""
+"""`gravity-sparse eval passkey` / `eval recall`: the task's accuracy for the dense model and every given
+mask set, on the same prompts; writes <task>.json, <task>.md and <task>.png into a new folder,
+atomically."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from gravity_sparse.errors import UserError
 
 from .config import PasskeyConfig
 from .passkey import evaluate
+from .recall import evaluate_recall
 
 
 def _label(path: Path, method: str) -> str:
@@ -42,18 +44,18 @@ def run_passkey(cfg: PasskeyConfig, progress: bool = True) -> tuple[Path, dict[s
             )
     model, tok = load_model(cfg.model)
     tok = require_tokenizer(tok, cfg.model)
+    task = _task(cfg, tok)
     entries: list[tuple[str, Any]] = [("dense", None)] if cfg.dense else []
     entries += [(_label(p, m.method), m) for p, m in mask_sets]
-    total = len(entries) * len(cfg.lengths) * len(cfg.depths) * cfg.trials
-    bar = tqdm(total=total, desc="passkey", file=sys.stderr, disable=not progress)
+    per_cell = cfg.trials if cfg.task == "passkey" else -(-cfg.trials // cfg.choices) * cfg.choices
+    total = len(entries) * len(cfg.lengths) * len(cfg.depths) * per_cell
+    bar = tqdm(total=total, desc=cfg.task, file=sys.stderr, disable=not progress)
     results = []
     for label, masks in entries:
         if masks is not None:
             attach_masks(model, masks)
         try:
-            rows = evaluate(
-                model, tok, cfg.lengths, cfg.depths, cfg.trials, cfg.seed, on_trial=bar.update
-            )
+            rows = task(model, bar.update)
         finally:
             if masks is not None:
                 detach_masks(model)
@@ -65,20 +67,51 @@ def run_passkey(cfg: PasskeyConfig, progress: bool = True) -> tuple[Path, dict[s
     summary = {"config": asdict(cfg), "results": results, "wall_s": round(time.time() - t0, 1)}
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        (tmp / "passkey.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (tmp / "passkey.md").write_text(markdown(summary))
-        plot(summary, tmp / "passkey.png")
+        (tmp / f"{cfg.task}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / f"{cfg.task}.md").write_text(markdown(summary))
+        plot(summary, tmp / f"{cfg.task}.png")
     return out, summary
+
+
+def _task(cfg: PasskeyConfig, tok):
+    """model, on_trial -> rows, for the configured task (the recall pool is encoded once)."""
+    if cfg.task == "passkey":
+        return lambda model, on_trial: evaluate(
+            model, tok, cfg.lengths, cfg.depths, cfg.trials, cfg.seed, on_trial=on_trial
+        )
+    from gravity_sparse.model.data import encode_text, resolve_text
+
+    pool = encode_text(tok, resolve_text("train"))
+    return lambda model, on_trial: evaluate_recall(
+        model, tok, cfg.lengths, cfg.depths, cfg.trials, cfg.seed, choices=cfg.choices,
+        segment=cfg.segment, pool=pool, on_trial=on_trial,
+    )  # fmt: skip
 
 
 def markdown(summary: dict[str, Any]) -> str:
     cells = [(r["length"], r["depth"]) for r in summary["results"][0]["rows"]]
     head = "| model | " + " | ".join(f"{n} tok @ {d:.0%}" for n, d in cells) + " | mean |"
+    trials = summary["results"][0]["rows"][0]["trials"]
+    if summary["config"]["task"] == "recall":
+        c = summary["config"]
+        intro = [
+            "# Recall accuracy: which context holds the repeated segment",
+            "",
+            f"{trials} trials per cell (same segments and prompts for every model): {c['choices']} "
+            f"contexts of filler with a random {c['segment']}-token segment at each depth; correct = "
+            "the segment is most likely after the context that holds it (chance "
+            f"{1 / c['choices']:.2f}, ties share the credit). Mean gain in nats/token (loss under the "
+            "other contexts − under its own) in the second table.",
+        ]
+    else:
+        intro = [
+            "# Passkey retrieval accuracy",
+            "",
+            f"{trials} trials per cell (same keys and prompts for every model); correct = greedy "
+            "continuation starts with the 5-digit key.",
+        ]
     lines = [
-        "# Passkey retrieval accuracy",
-        "",
-        f"{summary['results'][0]['rows'][0]['trials']} trials per cell (same keys and prompts for "
-        "every model); correct = greedy continuation starts with the 5-digit key.",
+        *intro,
         "",
         head,
         "|" + "---|" * (len(cells) + 2),
@@ -90,6 +123,15 @@ def markdown(summary: dict[str, Any]) -> str:
             + " | ".join(f"{a:.2f}" for a in accs)
             + f" | {sum(accs) / len(accs):.2f} |"
         )
+    if summary["config"]["task"] == "recall":
+        lines += ["", head.replace(" mean |", " mean gain |"), "|" + "---|" * (len(cells) + 2)]
+        for entry in summary["results"]:
+            gains = [r["gain"] for r in entry["rows"]]
+            lines.append(
+                f"| {entry['label']} | "
+                + " | ".join(f"{r['gain']:+.3f} ± {r['gain_se']:.3f}" for r in entry["rows"])
+                + f" | {sum(gains) / len(gains):+.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -110,7 +152,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                 "o-",
                 label=entry["label"],
             )
-        ax.set(title=f"{length} tokens", xlabel="key depth", ylabel="accuracy", ylim=(-0.05, 1.05))
+        if summary["config"]["task"] == "recall":
+            ax.axhline(1 / summary["config"]["choices"], color="gray", ls=":", label="chance")
+        ax.set(title=f"{length} tokens", xlabel="depth", ylabel="accuracy", ylim=(-0.05, 1.05))
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

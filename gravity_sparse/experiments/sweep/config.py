@@ -27,6 +27,18 @@ class SweepConfig:
     eval_max_tokens: int = field(
         default=16384, metadata={"help": "held-out tokens evaluated at most"}
     )
+    recall_trials: int = field(
+        default=0,
+        metadata={"help": "recall trials per cell for every pattern, unhealed and healed (0: off)"},
+    )
+    recall_lengths: list[int] = field(
+        default_factory=lambda: [2048], metadata={"help": "recall context lengths (≤ mask length)"}
+    )
+    recall_depths: list[float] = field(
+        default_factory=lambda: [0.1, 0.5, 0.9], metadata={"help": "recall segment depths"}
+    )
+    recall_choices: int = field(default=4, metadata={"help": "recall contexts per trial"})
+    recall_segment: int = field(default=32, metadata={"help": "recall tokens per segment"})
 
     def __post_init__(self) -> None:
         if not self.densities or not all(0.0 < d <= 1.0 for d in self.densities):
@@ -37,3 +49,9 @@ class SweepConfig:
             raise UserError(f"sweep.methods must be chosen from {', '.join(METHODS)}")
         if self.heal_token_budget <= 0 or self.eval_max_tokens <= 0:
             raise UserError("sweep.heal_token_budget and sweep.eval_max_tokens must be positive")
+        if self.recall_trials < 0 or self.recall_choices < 2 or self.recall_segment < 2:
+            raise UserError(
+                "sweep.recall_trials must be ≥ 0, recall_choices and recall_segment ≥ 2"
+            )
+        if not self.recall_lengths or not all(0.0 <= d <= 1.0 for d in self.recall_depths):
+            raise UserError("sweep.recall_lengths must be non-empty and recall_depths in [0, 1]")

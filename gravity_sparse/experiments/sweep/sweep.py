@@ -2,10 +2,12 @@
 
 For every (density, head-drop fraction) of the sweep, the QUBO and the baselines are solved at exactly the
 same budget from the run's measured field (`NN_measure/field.safetensors`); each pattern is evaluated on the
-held-out text before healing and, optionally, after a short LoRA heal with the same token budget. Output in
-`RUN/sweep/`: `sweep.json` (one row per pattern), `sweep.md` (the table), `pareto.png` (held-out loss
-against density, one line per method, unhealed dashed, healed solid, dense as a horizontal line) and a
-`meta.json` like every stage folder's (written atomically by `run.artifacts.stage_folder`).
+held-out text before healing and, optionally, after a short LoRA heal with the same token budget. With
+`sweep.recall_trials` > 0 every pattern (and the dense model) is also scored on the recall task
+(`experiments.passkey.recall`), unhealed and healed, on the same prompts. Output in `RUN/sweep/`:
+`sweep.json` (one row per pattern), `sweep.md` (the tables), `pareto.png` (held-out loss against density,
+one line per method, unhealed dashed, healed solid, dense as a horizontal line), `recall.png` with recall
+on, and a `meta.json` like every stage folder's (written atomically by `run.artifacts.stage_folder`).
 
 Fanned out under a launcher: the points (head-drop fraction, density) are independent, so each rank solves,
 evaluates and heals a contiguous share of them by itself (its heals train alone, `dist.alone`), the dense
@@ -104,7 +106,7 @@ def _patterns(cfg, tensors, meta, density: float, head_drop: float, eps: float):
 
 def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
     """Run the sweep of `cfg.sweep` on the run's measured field; returns (folder, summary)."""
-    from gravity_sparse.experiments.sweep.plots import plot_pareto
+    from gravity_sparse.experiments.sweep.plots import plot_pareto, plot_recall
     from gravity_sparse.model.data import encode_text, resolve_text
     from gravity_sparse.model.io import load_model, require_tokenizer
     from gravity_sparse.model.masks import attach_masks
@@ -128,6 +130,8 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
     eps = resolve_eps(cfg.solve, float(base.config.gravity_eps))
     ids = encode_text(tok, resolve_text(apply_cfg.eval_text))
     dense_loss, scored = sparse_loss(base, None, ids, apply_cfg, data_parallel=True)
+    recall = _recall_task(sw, tok, int(meta["seq_len"]), cfg.seed)
+    recall_dense = recall(base, None) if recall else None
     start = time.perf_counter()
     points = [(h, d) for h in sw.head_drops for d in sw.densities]
     mine = dist.share(len(points))
@@ -161,6 +165,8 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
                 "loss_dense": dense_loss,
                 "loss_unhealed": sparse_loss(base, masks, ids, apply_cfg)[0],
             }
+            if recall:
+                row["recall_unhealed"] = recall(base, masks)
             if sw.heal:
                 torch.manual_seed(cfg.seed)
                 model, _ = load_model(cfg.model.path, dtype=dtype, device=device)
@@ -172,6 +178,8 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
                 healed = peft_model.merge_and_unload().eval()
                 row["loss_healed"] = sparse_loss(healed, masks, ids, apply_cfg)[0]
                 row["heal_steps"] = record["steps_run"]
+                if recall:
+                    row["recall_healed"] = recall(healed, masks)
             rows.append(row)
             with log.open("a") as f:
                 f.write(json.dumps({"key": key, "row": row}) + "\n")
@@ -188,6 +196,8 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
         "rows": rows,
         "skipped": skipped,
     }
+    if recall_dense is not None:
+        summary["recall_dense"] = recall_dense
     with stage_folder(
         run, "sweep", config=sweep_config(cfg), inputs=sweep_inputs(cfg), started=t0,
         dirname=SWEEP_DIR,
@@ -196,10 +206,46 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
             (sf.path / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
             (sf.path / "sweep.md").write_text(sweep_markdown(summary))
             plot_pareto(summary, sf.path / "pareto.png")
+            if recall:
+                plot_recall(summary, sf.path / "recall.png")
         sf.summary.update(rows=len(rows), skipped=len(skipped), wall_s=summary["wall_s"])
     if dist.is_main():
         shutil.rmtree(progress, ignore_errors=True)
     return sf.final, summary
+
+
+def _recall_task(sw, tok, mask_length: int, seed: int):
+    """model, masks (None: dense) -> recall rows, or None with recall off. Checked before any work."""
+    if not sw.recall_trials:
+        return None
+    if max(sw.recall_lengths) > mask_length:
+        raise UserError(
+            f"sweep.recall_lengths {max(sw.recall_lengths)} is longer than the masks "
+            f"({mask_length} tokens)"
+        )
+    from gravity_sparse.experiments.passkey.recall import evaluate_recall
+    from gravity_sparse.model.data import encode_text, resolve_text
+    from gravity_sparse.model.masks import attach_masks, detach_masks
+
+    pool = encode_text(tok, resolve_text("train"))
+
+    def run(model, masks) -> list[dict[str, Any]]:
+        if masks is not None:
+            attach_masks(model, masks)
+        try:
+            return evaluate_recall(
+                model.eval(), tok, sw.recall_lengths, sw.recall_depths, sw.recall_trials, seed,
+                choices=sw.recall_choices, segment=sw.recall_segment, pool=pool,
+            )  # fmt: skip
+        finally:
+            if masks is not None:
+                detach_masks(model)
+
+    return run
+
+
+def mean_accuracy(rows: list[dict[str, Any]]) -> float:
+    return sum(r["accuracy"] for r in rows) / len(rows)
 
 
 def collect_sweep(cfg) -> dict[str, Any]:
@@ -240,9 +286,15 @@ def _summary_head(cfg, eval_tokens: int, loss_dense: float) -> dict[str, Any]:
 
 def _row_line(r: dict[str, Any]) -> str:
     healed = f" healed {r['loss_healed']:.4f}" if "loss_healed" in r else ""
+    recall = "".join(
+        f" recall {k} {mean_accuracy(r[f'recall_{k}']):.3f}"
+        for k in ("unhealed", "healed")
+        if f"recall_{k}" in r
+    )
     return (
         f"sweep density {r['density']:.3f} heads {r['heads_kept']}/{r['heads_total']} "
         f"{r['method']:8s} unhealed {r['loss_unhealed']:.4f}{healed} (dense {r['loss_dense']:.4f})"
+        + recall
     )
 
 
@@ -267,4 +319,35 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
             f"{r['loss_unhealed']:.4f} | {'–' if healed is None else f'{healed:.4f}'} | "
             f"{'–' if healed is None else f'{100 * (healed - dense) / dense:+.2f}%'} |"
         )
+    if "recall_dense" in summary:
+        lines += ["", *recall_markdown(summary)]
     return "\n".join(lines) + "\n"
+
+
+def recall_markdown(summary: dict[str, Any]) -> list[str]:
+    """The recall table: accuracy per cell, unhealed / healed, with the dense model's and chance."""
+    dense = summary["recall_dense"]
+    cells = " | ".join(f"{r['length']} @ {r['depth']:.0%}" for r in dense)
+    fmt = lambda rows: " | ".join(f"{r['accuracy']:.3f}" for r in rows)  # noqa: E731
+    lines = [
+        f"Recall accuracy ({dense[0]['trials']} trials per cell, chance {dense[0]['chance']:.2f}; "
+        "`experiments.passkey.recall`), unhealed / healed:",
+        "",
+        f"| density | method | {cells} | mean unhealed | mean healed |",
+        "|---|---|" + "---|" * (len(dense) + 2),
+        f"| 1 | dense | {fmt(dense)} | {mean_accuracy(dense):.3f} | – |",
+    ]
+    for r in summary["rows"]:
+        if "recall_unhealed" not in r:
+            continue
+        healed = r.get("recall_healed")
+        after = [f"{h['accuracy']:.3f}" for h in healed] if healed else ["–"] * len(dense)
+        per = " | ".join(
+            f"{u['accuracy']:.3f} / {a}" for u, a in zip(r["recall_unhealed"], after, strict=True)
+        )
+        mean_h = "–" if healed is None else f"{mean_accuracy(healed):.3f}"
+        lines.append(
+            f"| {r['density']:.3f} | {r['method']} | {per} | "
+            f"{mean_accuracy(r['recall_unhealed']):.3f} | {mean_h} |"
+        )
+    return lines

@@ -1,0 +1,83 @@
+"""The sweep's recall (`sweep.recall_trials`): every pattern is scored unhealed and healed, on the masks
+it names, the same as `evaluate_recall` on those masks run alone; a length past the masks is refused
+before any work."""
+
+import json
+
+import pytest
+from launchers import small_pipeline
+
+from gravity_sparse.cli import main
+from gravity_sparse.experiments.passkey.recall import evaluate_recall
+from gravity_sparse.experiments.sweep.sweep import _patterns
+from gravity_sparse.model.data import encode_text, resolve_text
+from gravity_sparse.model.io import load_model
+from gravity_sparse.model.masks import attach_masks, detach_masks
+from gravity_sparse.run.config import load_config
+from gravity_sparse.run.pipeline import PipelineConfig
+from gravity_sparse.stages.s2_solve.field_io import read_field
+
+SWEEP = [
+    "sweep.densities=[0.5]",
+    "sweep.head_drops=[0.25]",
+    "sweep.methods=[qubo,window]",
+    "sweep.heal_token_budget=256",
+    "sweep.eval_max_tokens=256",
+    "sweep.recall_trials=4",
+    "sweep.recall_lengths=[64]",
+    "sweep.recall_depths=[0.1,0.9]",
+    "sweep.recall_segment=6",
+    "sweep.recall_choices=2",
+]
+
+
+def test_sweep_scores_recall_of_every_pattern_on_its_own_masks(tmp_path):
+    pipeline = small_pipeline(tmp_path)
+    assert main(["measure", "-c", str(pipeline)]) == 0
+    assert main(["sweep", "-c", str(pipeline), *SWEEP]) == 0
+    folder = tmp_path / "run" / "sweep"
+    summary = json.loads((folder / "sweep.json").read_text())
+    assert (folder / "recall.png").stat().st_size > 0
+    md = (folder / "sweep.md").read_text()
+    assert "Recall accuracy" in md and "| 1 | dense |" in md
+
+    cfg = load_config(PipelineConfig, str(pipeline), SWEEP)
+    model, tok = load_model(cfg.model.path)
+    model.eval()
+    pool = encode_text(tok, resolve_text("train"))
+    tensors, meta = read_field(tmp_path / "run" / "01_measure" / "field.safetensors")
+    patterns = _patterns(cfg, tensors, meta, 0.5, 0.25, float(model.config.gravity_eps))
+
+    def alone(masks):
+        if masks is not None:
+            attach_masks(model, masks)
+        try:
+            return evaluate_recall(
+                model, tok, [64], [0.1, 0.9], 4, cfg.seed, choices=2, segment=6, pool=pool
+            )
+        finally:
+            if masks is not None:
+                detach_masks(model)
+
+    def accuracy_and_gain(rows):
+        return [(r["accuracy"], pytest.approx(r["gain"], abs=1e-5)) for r in rows]
+
+    dense = alone(None)
+    assert accuracy_and_gain(summary["recall_dense"]) == accuracy_and_gain(dense)
+    for row in summary["rows"]:
+        own = alone(patterns[row["method"]])
+        assert accuracy_and_gain(row["recall_unhealed"]) == accuracy_and_gain(own)
+        assert [r["gain"] for r in own] != pytest.approx([r["gain"] for r in dense], abs=1e-4)
+        assert len(row["recall_healed"]) == 2
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in row["recall_healed"])
+
+
+def test_recall_longer_than_the_masks_is_refused_before_any_work(tmp_path, capsys):
+    pipeline = small_pipeline(tmp_path)
+    assert main(["measure", "-c", str(pipeline)]) == 0
+    capsys.readouterr()
+    assert main(["sweep", "-c", str(pipeline), *SWEEP, "sweep.recall_lengths=[128]"]) != 0
+    err = capsys.readouterr().err
+    assert "recall_lengths 128 is longer than the masks (64 tokens)" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "sweep.progress").exists()
