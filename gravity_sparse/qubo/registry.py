@@ -16,6 +16,9 @@ STRUCTURE_SINKS = (
     "always",
     "choose",
 )  # a window structure keeps the sink column always, or may drop it
+# what a structure's row cost is computed on: per query from the distance profile, or per query block
+# from the measured block field (solve.structure_rows)
+STRUCTURE_ROWS = ("profile", "field")
 BRUTE_FORCE_MAX = 20  # exact checks enumerate at most 2^20 states per subproblem
 
 

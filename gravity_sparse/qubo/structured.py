@@ -165,6 +165,31 @@ def mask_costs(model: RowModel, masks: np.ndarray, kind: str) -> np.ndarray:
     return cost.sum((1, 2)) / model.valid.sum()
 
 
+def _field_kept(field: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Kept share of every query block's row: field (..., NQB, NQB) measured row shares, keep
+    (..., NQB, NQB) bool, broadcast together (the diagonal block is always kept)."""
+    keep = keep | np.eye(field.shape[-1], dtype=bool)
+    return (field * keep).sum(-1) / np.maximum(field.sum(-1), 1e-12)
+
+
+def field_structure_costs(
+    field: np.ndarray, widths: np.ndarray, sinks: np.ndarray, kind: str
+) -> np.ndarray:
+    """(H, S) `structure_rows: field`: mean over query blocks of φ(kept share of the row) in the measured
+    block field (H, NQB, NQB), instead of per query from the distance profile. Coarser within a row,
+    but exact in position: a head whose attention changes along the sequence is priced row by row."""
+    nqb = field.shape[-1]
+    qb, kb = offdiag_blocks(nqb)
+    full = np.zeros((len(widths), nqb, nqb), dtype=bool)
+    full[:, qb, kb] = structure_masks(nqb, widths, sinks)
+    return _phi(_field_kept(field[:, None], full[None]), kind).mean(-1)
+
+
+def field_mask_costs(field: np.ndarray, masks: np.ndarray, kind: str) -> np.ndarray:
+    """(H,) the cost of `field_structure_costs` for arbitrary block masks (H, NQB, NQB) bool."""
+    return _phi(_field_kept(field, masks), kind).mean(-1)
+
+
 @dataclass
 class LayerProblem:
     """One layer's structured QUBO at (λ, μ). Labels: d_h (0..k−1), u_hs (k + h·S + s), y_g (after)."""

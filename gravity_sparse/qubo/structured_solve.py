@@ -37,6 +37,13 @@ class StructuredTerms:
     scale: np.ndarray  # (L, H) the head's scale S_h·w_h
     models: list[st.RowModel]  # per layer
     kind: str
+    field: np.ndarray | None = None  # (L, H, NQB, NQB): rows priced on the measured field instead
+
+    def mask_costs(self, layer: int, mask: np.ndarray) -> np.ndarray:
+        """(H,) unscaled row cost of each head's block mask (NQB, NQB), as the structures are priced."""
+        if self.field is not None:
+            return st.field_mask_costs(self.field[layer], mask, self.kind)
+        return st.mask_costs(self.models[layer], mask, self.kind)
 
     def option(self, layer: int, lam: float, mu: float) -> np.ndarray:
         return self.costs[layer] + lam * self.blocks[None, :] + mu
@@ -50,15 +57,20 @@ def build_structured(
     kind: str,
     block_scale: str,
     sink: str = "always",
+    rows: str = "profile",
 ) -> StructuredTerms:
     """profile (L, H, T), block_field (L, H, NQB, NQB); the head scale as in `build_terms`; sink as in
-    `structured.structures`."""
+    `structured.structures`; rows: each query priced from the distance profile (`profile`) or each
+    query block from the measured block field (`field`)."""
     num_layers, _, nqb, _ = block_field.shape
     block = -(-profile.shape[-1] // nqb)
     widths, sinks = st.structures(nqb, sink)
     head_scale = scale_of_heads(terms.importance, block_scale)
     models = [st.row_model(profile[i], block_field[i, :, :, 0], block) for i in range(num_layers)]
-    raw = np.stack([st.structure_costs(m, widths, sinks, kind) for m in models])
+    if rows == "field":
+        raw = np.stack([st.field_structure_costs(f, widths, sinks, kind) for f in block_field])
+    else:
+        raw = np.stack([st.structure_costs(m, widths, sinks, kind) for m in models])
     scale = head_scale * terms.weight
     return StructuredTerms(
         costs=scale[..., None] * raw,
@@ -70,17 +82,18 @@ def build_structured(
         scale=scale,
         models=models,
         kind=kind,
+        field=block_field if rows == "field" else None,
     )
 
 
 def structured_objective(s: StructuredTerms, heads: np.ndarray, mask: np.ndarray) -> float:
     """The structured QUBO's objective (nats) of any masks: heads (L, H) bool, mask (L, H, NQB, NQB):
-    dropped heads' importance, kept heads' row cost (`structured.mask_costs`), pairs, KV heads."""
+    dropped heads' importance, kept heads' row cost (`StructuredTerms.mask_costs`), pairs, KV heads."""
     t = s.terms
     drop = ~heads.astype(bool)
     total = float((t.importance * drop).sum())
-    for layer, model in enumerate(s.models):
-        cost = s.scale[layer] * st.mask_costs(model, mask[layer], s.kind)
+    for layer in range(len(s.models)):
+        cost = s.scale[layer] * s.mask_costs(layer, mask[layer])
         total += float(cost[~drop[layer]].sum())
         total += float(np.triu(t.pair[layer], 1)[np.ix_(drop[layer], drop[layer])].sum())
         total += t.kv_cost * len(set(t.kv_groups[layer][~drop[layer]].tolist()))

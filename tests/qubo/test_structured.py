@@ -3,6 +3,7 @@ brute force, the annealer against the exact optimum, and the solve's budget and 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -76,6 +77,35 @@ def test_structure_costs_closed_form_equals_mask_costs(kind):
         st.structure_blocks(nqb, widths, sinks)[:nqb]
         == nqb + np.r_[0, np.cumsum(np.arange(nqb - 1, 0, -1))]
     ).all()
+
+
+def _random_field(seed: int, heads: int = 3, nqb: int = 6) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    field = np.tril(rng.random((heads, nqb, nqb)) ** 3)
+    return field / field.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind", ["kl", "mass", "sq"])
+def test_field_costs_equal_a_per_row_loop_and_each_structure_mask(kind):
+    field = _random_field(3)
+    heads, nqb = field.shape[:2]
+    masks = np.tril(np.random.default_rng(4).random((heads, nqb, nqb)) < 0.4, -1)
+    phi = {"kl": lambda k: -np.log(k), "mass": lambda k: 1 - k, "sq": lambda k: (1 - k) ** 2}[kind]
+    loop = [
+        np.mean([phi((field[h, q, : q + 1] * (masks[h, q, : q + 1] | (np.arange(q + 1) == q))).sum())
+                 for q in range(nqb)])
+        for h in range(heads)
+    ]  # fmt: skip
+    np.testing.assert_allclose(st.field_mask_costs(field, masks, kind), loop, rtol=1e-12)
+    widths, sinks = st.structures(nqb, "choose")
+    closed = st.field_structure_costs(field, widths, sinks, kind)
+    qb, kb = offdiag_blocks(nqb)
+    for s, mask in enumerate(st.structure_masks(nqb, widths, sinks)):
+        full = np.zeros((heads, nqb, nqb), dtype=bool)
+        full[:, qb, kb] = mask
+        np.testing.assert_allclose(closed[:, s], st.field_mask_costs(field, full, kind), rtol=1e-12)
+    assert (np.diff(closed[:, :nqb], axis=1) <= 1e-12).all()  # wider is never costlier
+    np.testing.assert_allclose(closed[:, nqb - 1], 0.0, atol=1e-12)
 
 
 def _tiny_problem(seed: int, heads: int = 2, nqb: int = 3) -> st.LayerProblem:
@@ -155,10 +185,14 @@ def field():
     return synthetic_field(4, 9, 3, 8, seed=5)
 
 
-@pytest.mark.parametrize("head_drop", [None, 0.25])
-def test_window_solve_meets_the_budget_with_structures(field, head_drop):
+@pytest.mark.parametrize(
+    ("head_drop", "rows"), [(None, "profile"), (0.25, "profile"), (0.25, "field")]
+)
+def test_window_solve_meets_the_budget_with_structures(field, head_drop, rows):
     tensors, meta = field
-    cfg = SolveConfig(density=0.45, head_drop=head_drop, seed=2, structure="window")
+    cfg = SolveConfig(
+        density=0.45, head_drop=head_drop, seed=2, structure="window", structure_rows=rows
+    )
     result = solve_field(tensors, meta, cfg)
     rep = result.report
     assert rep["blocks_computed"] == rep["blocks_target"]
@@ -188,12 +222,19 @@ def test_window_solve_meets_the_budget_with_structures(field, head_drop):
     assert not np.array_equal(blocks.block_mask.numpy(), mask)
     again = solve_field(tensors, meta, cfg)
     assert np.array_equal(again.block_mask.numpy(), mask)
+    if rows == "field":  # priced on the field, the structures differ from the profile's
+        profile = solve_field(tensors, meta, dataclasses.replace(cfg, structure_rows="profile"))
+        assert not np.array_equal(profile.block_mask.numpy(), mask)
 
 
-def test_window_solve_beats_the_window_baseline_on_its_own_objective(field):
+@pytest.mark.parametrize("rows", ["profile", "field"])
+def test_window_solve_beats_the_window_baseline_on_its_own_objective(field, rows):
     tensors, meta = field
     for density in (0.45, 0.55, 0.7):
-        cfg = SolveConfig(density=density, head_drop=0.25, structure="window", baselines=["window"])
+        cfg = SolveConfig(
+            density=density, head_drop=0.25, structure="window", baselines=["window"],
+            structure_rows=rows,
+        )  # fmt: skip
         rep = solve_field(tensors, meta, cfg).report
         assert (
             rep["structured_objective"] <= rep["baselines"]["window"]["structured_objective"] + 1e-9
@@ -218,6 +259,8 @@ def test_structure_config_errors():
         SolveConfig(structure="diagonal")
     with pytest.raises(UserError, match="structure_cost must be one of kl, mass, sq"):
         SolveConfig(structure="window", structure_cost="l2")
+    with pytest.raises(UserError, match="structure_rows must be one of profile, field"):
+        SolveConfig(structure="window", structure_rows="rows")
 
 
 def test_window_bqm_files_hold_the_solution(field, tmp_path):
@@ -280,3 +323,27 @@ def test_sqrt_block_scale_is_the_geometric_mean_in_both_formulations(field):
     np.testing.assert_allclose(
         costs["sqrt"] ** 2, costs["flat"] * costs["importance"], rtol=1e-9, atol=1e-30
     )
+
+
+@pytest.mark.parametrize("rows", ["profile", "field"])
+def test_the_objective_prices_masks_as_the_structures_are_priced(field, rows):
+    from gravity_sparse.qubo.formulation import build_terms
+    from gravity_sparse.qubo.structured_solve import build_structured
+
+    tensors, meta = field
+    bf = tensors["block_field"].double().numpy()
+    num_layers, heads, nqb, _ = bf.shape
+    args = (bf, tensors["importance"].double().numpy(), tensors["redundancy"].double().numpy(),
+            tensors["mass"].double().numpy(), tensors["kv_groups"].numpy())  # fmt: skip
+    terms = build_terms(*args, num_kv=3, block_scale="flat")
+    s = build_structured(
+        tensors["profile"].double().numpy(), bf, terms, kind="kl", block_scale="flat", rows=rows
+    )
+    qb, kb = offdiag_blocks(nqb)
+    for j in (0, 3, len(s.widths) - 1):
+        full = np.zeros((heads, nqb, nqb), dtype=bool)
+        full[:, qb, kb] = s.masks[j]
+        for layer in range(num_layers):
+            np.testing.assert_allclose(
+                s.scale[layer] * s.mask_costs(layer, full), s.costs[layer, :, j], atol=1e-12
+            )

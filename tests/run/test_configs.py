@@ -34,7 +34,7 @@ NON_DEFAULT = {
         block_scale="importance", importance_source="grad", eps=0.2, mass_scale=2.0,
         redundancy_weight=0.1, kv_cost=0.5, contiguity=0.2, penalty_margin=2.0,
         max_block_variables=1000, row_coupling=0.5, structure="window",
-        structure_cost="mass", structure_sink="choose",
+        structure_cost="mass", structure_sink="choose", structure_rows="field",
     ),
     ApplyConfig: dict(
         eval_text="calibration", seq_len=128, batch_size=2, max_tokens=100, baselines=False,

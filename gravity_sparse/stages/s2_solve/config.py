@@ -11,6 +11,7 @@ from gravity_sparse.qubo.registry import (
     BASELINES,
     BRUTE_FORCE_MAX,
     STRUCTURE_COSTS,
+    STRUCTURE_ROWS,
     STRUCTURE_SINKS,
 )
 
@@ -84,7 +85,7 @@ class SolveConfig:
         metadata={
             "help": "what the QUBO chooses inside a kept head: blocks (every off-diagonal block "
             "free) | window (one structure per head: a window of w nearest key blocks, with or "
-            "without the sink column, priced by the exact row cost from the distance profile; block_value and row_coupling "
+            "without the sink column, priced by the exact row cost, see structure_rows; block_value and row_coupling "
             "then only set the unit of kv_cost and penalty_margin)"
         },
     )
@@ -100,6 +101,13 @@ class SolveConfig:
         metadata={
             "help": "structure=window: every kept head keeps the sink column (always) or the QUBO "
             "decides per head (choose)"
+        },
+    )
+    structure_rows: str = field(
+        default="profile",
+        metadata={
+            "help": "structure=window: a structure's row cost per query from the head's distance "
+            "profile (profile) or per query block from the measured block field (field)"
         },
     )
     importance_source: str = field(
@@ -169,6 +177,11 @@ class SolveConfig:
             raise UserError(
                 f"solve.structure_cost must be one of {', '.join(STRUCTURE_COSTS)}, got "
                 f"{self.structure_cost!r}"
+            )
+        if self.structure_rows not in STRUCTURE_ROWS:
+            raise UserError(
+                f"solve.structure_rows must be one of {', '.join(STRUCTURE_ROWS)}, got "
+                f"{self.structure_rows!r}"
             )
         if self.structure_sink not in STRUCTURE_SINKS:
             raise UserError(

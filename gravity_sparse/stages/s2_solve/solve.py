@@ -324,6 +324,7 @@ def solve_field(
             kind=cfg.structure_cost,
             block_scale=cfg.block_scale,
             sink=cfg.structure_sink,
+            rows=cfg.structure_rows,
         )
         heads, blocks, info, subs = _solve_windows(
             cfg, structured, block_field, target, target_heads
