@@ -6,7 +6,8 @@
 Runs nothing: reads `RUN/sweep/sweep.json` of a finished `gravity-sparse sweep`, or, while one is still
 unfinished (a healed gravity-smol sweep takes hours and resumes across sessions), the patterns it has logged
 in `RUN/sweep.progress` under this config's key. Writes OUT.json (summary, with `missing`), OUT.md (the
-sweep's table, the patterns still missing, the command) and OUT.png (the sweep's plot).
+sweep's tables, the patterns still missing, the command), OUT.png (the sweep's plot) and, for a sweep with
+recall, OUT-recall.png.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import provenance  # noqa: E402
 
 from gravity_sparse.errors import UserError  # noqa: E402
-from gravity_sparse.experiments.sweep.plots import plot_pareto  # noqa: E402
+from gravity_sparse.experiments.sweep.plots import plot_pareto, plot_recall  # noqa: E402
 from gravity_sparse.experiments.sweep.sweep import collect_sweep, sweep_markdown  # noqa: E402
 from gravity_sparse.run.config import load_config  # noqa: E402
 from gravity_sparse.run.pipeline import PipelineConfig  # noqa: E402
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(md)
     plot_pareto(summary, args.out.with_suffix(".png"))
+    if "recall_dense" in summary:
+        plot_recall(summary, Path(f"{args.out}-recall.png"))
     print(md)
     return 0
 

@@ -81,3 +81,46 @@ def test_recall_longer_than_the_masks_is_refused_before_any_work(tmp_path, capsy
     assert "recall_lengths 128 is longer than the masks (64 tokens)" in err
     assert "Traceback" not in err
     assert not (tmp_path / "run" / "sweep.progress").exists()
+
+
+def test_an_interrupted_recall_sweep_keeps_the_dense_recall_and_resumes(tmp_path, monkeypatch):
+    import gravity_sparse.experiments.passkey.recall as recall_module
+    import gravity_sparse.stages.s4_heal.heal as heal_module
+    from gravity_sparse.experiments.sweep.sweep import collect_sweep
+
+    pipeline = small_pipeline(tmp_path)
+    assert main(["measure", "-c", str(pipeline)]) == 0
+    real_heal, real_recall, heals, recalls = (
+        heal_module.heal_model,
+        recall_module.evaluate_recall,
+        [],
+        [],
+    )
+
+    def heal_then_die(*args, **kwargs):
+        heals.append(1)
+        if len(heals) == 2:
+            raise KeyboardInterrupt  # killed while healing the second pattern
+        return real_heal(*args, **kwargs)
+
+    def counted(*args, **kwargs):
+        recalls.append(1)
+        return real_recall(*args, **kwargs)
+
+    monkeypatch.setattr(heal_module, "heal_model", heal_then_die)
+    monkeypatch.setattr(recall_module, "evaluate_recall", counted)
+    assert main(["sweep", "-c", str(pipeline), *SWEEP]) == 130
+    assert len(recalls) == 4  # dense, the first pattern unhealed and healed, the second unhealed
+    cfg = load_config(PipelineConfig, str(pipeline), SWEEP)
+    partial = collect_sweep(cfg)
+    assert [r["method"] for r in partial["rows"]] == ["qubo"] and "recall_healed" in partial[
+        "rows"
+    ][0]
+    assert len(partial["recall_dense"]) == 2  # the dense recall was logged with the rows
+
+    monkeypatch.setattr(heal_module, "heal_model", real_heal)
+    recalls.clear()
+    assert main(["sweep", "-c", str(pipeline), *SWEEP]) == 0
+    assert len(recalls) == 2  # only the window pattern, unhealed and healed: dense is reused
+    final = json.loads((tmp_path / "run" / "sweep" / "sweep.json").read_text())
+    assert final["recall_dense"] == partial["recall_dense"]

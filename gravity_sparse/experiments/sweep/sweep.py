@@ -14,10 +14,11 @@ evaluates and heals a contiguous share of them by itself (its heals train alone,
 loss is scored data-parallel, and every rank's rows are gathered in the order of the points; rank 0 writes
 the folder. The rows do not depend on the number of processes.
 
-Resumable: every finished pattern is appended to `RUN/sweep.progress/rows-rank<R>.jsonl` under the hash
-of the sweep's config and inputs, and a rerun of the same sweep reuses those rows instead of recomputing
-them (a healed pattern of gravity-smol costs minutes). The progress folder is removed once `RUN/sweep/` is
-written; rows of another config or input are never reused.
+Resumable: every finished pattern (and the dense model's recall) is appended to
+`RUN/sweep.progress/rows-rank<R>.jsonl` under the hash of the sweep's config and inputs, and a rerun of the
+same sweep reuses those rows instead of recomputing them (a healed pattern of gravity-smol costs minutes).
+The progress folder is removed once `RUN/sweep/` is written; rows of another config or input are never
+reused.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def _progress_key(cfg) -> str:
     return config_hash({"config": sweep_config(cfg), "inputs": inputs})
 
 
-def _done_rows(folder: Path, key: str) -> dict[tuple, dict[str, Any]]:
-    """{(head_drop, density_target, method): row} of this sweep's finished patterns (any rank's)."""
-    done: dict[tuple, dict[str, Any]] = {}
+def _logged(folder: Path, key: str) -> list[dict[str, Any]]:
+    """The entries of this sweep's progress logs (any rank's) logged under `key`."""
+    out = []
     for path in sorted(folder.glob("rows-rank*.jsonl")):
         for line in path.read_text().splitlines():
             try:
@@ -78,9 +79,20 @@ def _done_rows(folder: Path, key: str) -> dict[tuple, dict[str, Any]]:
             except json.JSONDecodeError:  # a line cut by a kill: that pattern is redone
                 continue
             if entry.get("key") == key:
-                r = entry["row"]
-                done[(r["head_drop"], r["density_target"], r["method"])] = r
-    return done
+                out.append(entry)
+    return out
+
+
+def _done_rows(folder: Path, key: str) -> dict[tuple, dict[str, Any]]:
+    """{(head_drop, density_target, method): row} of this sweep's finished patterns (any rank's)."""
+    rows = (e["row"] for e in _logged(folder, key) if "row" in e)
+    return {(r["head_drop"], r["density_target"], r["method"]): r for r in rows}
+
+
+def _dense_recall(folder: Path, key: str) -> list[dict[str, Any]] | None:
+    """The dense model's recall rows logged by this sweep, if any."""
+    logged = [e["recall_dense"] for e in _logged(folder, key) if "recall_dense" in e]
+    return logged[0] if logged else None
 
 
 def _patterns(cfg, tensors, meta, density: float, head_drop: float, eps: float):
@@ -131,7 +143,6 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
     ids = encode_text(tok, resolve_text(apply_cfg.eval_text))
     dense_loss, scored = sparse_loss(base, None, ids, apply_cfg, data_parallel=True)
     recall = _recall_task(sw, tok, int(meta["seq_len"]), cfg.seed)
-    recall_dense = recall(base, None) if recall else None
     start = time.perf_counter()
     points = [(h, d) for h in sw.head_drops for d in sw.densities]
     mine = dist.share(len(points))
@@ -139,6 +150,12 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
     progress.mkdir(parents=True, exist_ok=True)
     done_before = _done_rows(progress, key)
     log = progress / f"rows-rank{dist.rank()}.jsonl"
+    recall_dense = _dense_recall(progress, key) if recall else None
+    if recall and recall_dense is None:  # minutes on gravity-smol: logged, and reused on a rerun
+        recall_dense = recall(base, None)
+        if dist.is_main():
+            with log.open("a") as f:
+                f.write(json.dumps({"key": key, "recall_dense": recall_dense}) + "\n")
     done: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = []
     for head_drop, density in points[mine.start : mine.stop]:
         rows: list[dict[str, Any]] = []
@@ -269,6 +286,8 @@ def collect_sweep(cfg) -> dict[str, Any]:
     ]
     # eval tokens: at most sweep.eval_max_tokens (the finished sweep records the count scored)
     head = _summary_head(cfg, sw.eval_max_tokens, rows[0]["loss_dense"])
+    dense = _dense_recall(progress, _progress_key(cfg)) if progress.is_dir() else None
+    head |= {} if dense is None else {"recall_dense": dense}
     return {**head, "rows": rows, "skipped": [], "missing": missing}
 
 
