@@ -149,3 +149,5 @@ def test_eval_recall_command_and_bad_input(tmp_path, capsys):
     assert "choices" in err and "Traceback" not in err and not (tmp_path / "bad").exists()
     with pytest.raises(UserError, match="eval task"):
         PasskeyConfig(task="copy")
+    with pytest.raises(UserError, match="recall length 128 leaves no room"):
+        PasskeyConfig(task="recall", lengths=[128, 512], depths=[0.1, 0.5, 0.9])

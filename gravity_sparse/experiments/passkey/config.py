@@ -52,5 +52,10 @@ class PasskeyConfig:
             raise UserError("passkey depths must be a non-empty list in [0, 1]")
         if self.trials < 1:
             raise UserError("passkey trials must be at least 1")
+        if self.task == "recall" and min(self.lengths) <= (len(self.depths) + 1) * self.segment:
+            raise UserError(
+                f"recall length {min(self.lengths)} leaves no room for filler around "
+                f"{len(self.depths)} segments of {self.segment} tokens"
+            )
         if not self.dense and not self.masks:
             raise UserError("passkey has nothing to evaluate: dense=false and no masks")
