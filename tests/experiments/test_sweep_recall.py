@@ -86,7 +86,7 @@ def test_recall_longer_than_the_masks_is_refused_before_any_work(tmp_path, capsy
 def test_an_interrupted_recall_sweep_keeps_the_dense_recall_and_resumes(tmp_path, monkeypatch):
     import gravity_sparse.experiments.passkey.recall as recall_module
     import gravity_sparse.stages.s4_heal.heal as heal_module
-    from gravity_sparse.experiments.sweep.sweep import collect_sweep
+    from gravity_sparse.experiments.sweep.sweep import _dense_key, _dense_recall, collect_sweep
 
     pipeline = small_pipeline(tmp_path)
     assert main(["measure", "-c", str(pipeline)]) == 0
@@ -117,6 +117,11 @@ def test_an_interrupted_recall_sweep_keeps_the_dense_recall_and_resumes(tmp_path
         "rows"
     ][0]
     assert len(partial["recall_dense"]) == 2  # the dense recall was logged with the rows
+    progress = tmp_path / "run" / "sweep.progress"
+    other_solve = load_config(PipelineConfig, str(pipeline), [*SWEEP, "solve.seed=7"])
+    assert _dense_recall(progress, _dense_key(other_solve)) == partial["recall_dense"]
+    other_recall = load_config(PipelineConfig, str(pipeline), [*SWEEP, "sweep.recall_trials=6"])
+    assert _dense_recall(progress, _dense_key(other_recall)) is None
 
     monkeypatch.setattr(heal_module, "heal_model", real_heal)
     recalls.clear()

@@ -14,9 +14,10 @@ evaluates and heals a contiguous share of them by itself (its heals train alone,
 loss is scored data-parallel, and every rank's rows are gathered in the order of the points; rank 0 writes
 the folder. The rows do not depend on the number of processes.
 
-Resumable: every finished pattern (and the dense model's recall) is appended to
-`RUN/sweep.progress/rows-rank<R>.jsonl` under the hash of the sweep's config and inputs, and a rerun of the
-same sweep reuses those rows instead of recomputing them (a healed pattern of gravity-smol costs minutes).
+Resumable: every finished pattern is appended to `RUN/sweep.progress/rows-rank<R>.jsonl` under the hash of
+the sweep's config and inputs, and a rerun of the same sweep reuses those rows instead of recomputing them
+(a healed pattern of gravity-smol costs minutes). The dense model's recall is logged there too, under the
+hash of what it depends on (model, recall settings, seed).
 The progress folder is removed once `RUN/sweep/` is written; rows of another config or input are never
 reused.
 """
@@ -69,8 +70,19 @@ def _progress_key(cfg) -> str:
     return config_hash({"config": sweep_config(cfg), "inputs": inputs})
 
 
-def _logged(folder: Path, key: str) -> list[dict[str, Any]]:
-    """The entries of this sweep's progress logs (any rank's) logged under `key`."""
+def _dense_key(cfg) -> str:
+    """What the dense model's recall depends on: the model, the recall settings and the seed (not the
+    solve, apply or heal config, so a sweep of another solve config in the same run reuses it)."""
+    from gravity_sparse.model.io import resolve_model_path
+    from gravity_sparse.run.artifacts import config_hash, hash_path
+
+    recall = {k: v for k, v in config_to_dict(cfg.sweep).items() if k.startswith("recall_")}
+    model = hash_path(resolve_model_path(cfg.model.path))
+    return config_hash({"recall": recall, "seed": cfg.seed, "model": model})
+
+
+def _logged(folder: Path, field: str, key: str) -> list[dict[str, Any]]:
+    """The entries of the progress logs (any rank's) whose `field` is `key`."""
     out = []
     for path in sorted(folder.glob("rows-rank*.jsonl")):
         for line in path.read_text().splitlines():
@@ -78,20 +90,20 @@ def _logged(folder: Path, key: str) -> list[dict[str, Any]]:
                 entry = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a kill: that pattern is redone
                 continue
-            if entry.get("key") == key:
+            if entry.get(field) == key:
                 out.append(entry)
     return out
 
 
 def _done_rows(folder: Path, key: str) -> dict[tuple, dict[str, Any]]:
     """{(head_drop, density_target, method): row} of this sweep's finished patterns (any rank's)."""
-    rows = (e["row"] for e in _logged(folder, key) if "row" in e)
+    rows = (e["row"] for e in _logged(folder, "key", key) if "row" in e)
     return {(r["head_drop"], r["density_target"], r["method"]): r for r in rows}
 
 
-def _dense_recall(folder: Path, key: str) -> list[dict[str, Any]] | None:
-    """The dense model's recall rows logged by this sweep, if any."""
-    logged = [e["recall_dense"] for e in _logged(folder, key) if "recall_dense" in e]
+def _dense_recall(folder: Path, dense_key: str) -> list[dict[str, Any]] | None:
+    """The dense model's recall rows logged under `_dense_key`, if any."""
+    logged = [e["recall_dense"] for e in _logged(folder, "dense_key", dense_key)]
     return logged[0] if logged else None
 
 
@@ -150,12 +162,13 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
     progress.mkdir(parents=True, exist_ok=True)
     done_before = _done_rows(progress, key)
     log = progress / f"rows-rank{dist.rank()}.jsonl"
-    recall_dense = _dense_recall(progress, key) if recall else None
+    dense_key = _dense_key(cfg)
+    recall_dense = _dense_recall(progress, dense_key) if recall else None
     if recall and recall_dense is None:  # minutes on gravity-smol: logged, and reused on a rerun
         recall_dense = recall(base, None)
         if dist.is_main():
             with log.open("a") as f:
-                f.write(json.dumps({"key": key, "recall_dense": recall_dense}) + "\n")
+                f.write(json.dumps({"dense_key": dense_key, "recall_dense": recall_dense}) + "\n")
     done: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = []
     for head_drop, density in points[mine.start : mine.stop]:
         rows: list[dict[str, Any]] = []
@@ -286,7 +299,7 @@ def collect_sweep(cfg) -> dict[str, Any]:
     ]
     # eval tokens: at most sweep.eval_max_tokens (the finished sweep records the count scored)
     head = _summary_head(cfg, sw.eval_max_tokens, rows[0]["loss_dense"])
-    dense = _dense_recall(progress, _progress_key(cfg)) if progress.is_dir() else None
+    dense = _dense_recall(progress, _dense_key(cfg)) if progress.is_dir() else None
     head |= {} if dense is None else {"recall_dense": dense}
     return {**head, "rows": rows, "skipped": [], "missing": missing}
 
