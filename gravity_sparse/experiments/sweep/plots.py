@@ -7,6 +7,11 @@ from pathlib import Path
 from typing import Any
 
 
+def mean_accuracy(rows: list[dict[str, Any]]) -> float:
+    """Mean recall accuracy over a pattern's cells."""
+    return sum(r["accuracy"] for r in rows) / len(rows)
+
+
 def plot_pareto(summary: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -47,8 +52,6 @@ def plot_recall(summary: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from gravity_sparse.experiments.sweep.sweep import mean_accuracy
 
     rows = [r for r in summary["rows"] if "recall_unhealed" in r]
     points = list(dict.fromkeys((r["head_drop"], r["density_target"]) for r in rows))

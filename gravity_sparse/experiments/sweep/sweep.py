@@ -37,6 +37,7 @@ import torch
 
 from gravity_sparse import dist
 from gravity_sparse.errors import UserError
+from gravity_sparse.experiments.sweep.plots import mean_accuracy
 from gravity_sparse.run.artifacts import stage_dirname, stage_folder
 from gravity_sparse.run.config import config_to_dict
 
@@ -272,10 +273,6 @@ def _recall_task(sw, tok, mask_length: int, seed: int):
                 detach_masks(model)
 
     return run
-
-
-def mean_accuracy(rows: list[dict[str, Any]]) -> float:
-    return sum(r["accuracy"] for r in rows) / len(rows)
 
 
 def collect_sweep(cfg) -> dict[str, Any]:
