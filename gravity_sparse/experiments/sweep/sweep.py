@@ -246,7 +246,8 @@ def run_sweep(cfg) -> tuple[Path, dict[str, Any]]:
 
 
 def _recall_task(sw, tok, mask_length: int, seed: int):
-    """model, masks (None: dense) -> recall rows, or None with recall off. Checked before any work."""
+    """model, masks (None: dense) -> recall rows, or None with recall off; lengths past the masks are
+    refused before any pattern is solved."""
     if not sw.recall_trials:
         return None
     if max(sw.recall_lengths) > mask_length:
