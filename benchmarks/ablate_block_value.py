@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    if any("=" in v for v in args.variants or []):
+        p.error(
+            "config overrides go after `--` (--variants takes every word after it as a variant)"
+        )
     overrides = list(args.overrides)
     if args.smoke:
         overrides = [*SMOKE, f"run_dir={args.out.parent / 'smoke-run'}", *overrides]

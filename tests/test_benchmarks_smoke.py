@@ -153,6 +153,14 @@ def test_ablate_block_value_smoke(tmp_path):
     assert mine["density"] == pytest.approx(rows["baseline window"]["density"], abs=1e-9)
 
 
+def test_ablate_block_value_refuses_an_override_among_the_variants(tmp_path, capsys):
+    argv = ["-c", str(ROOT / "pipelines" / "tiny.yaml"), "--out", str(tmp_path / "a")]
+    with pytest.raises(SystemExit) as e:
+        _script("ablate_block_value").main([*argv, "--variants", "kl", "solve.seed=3"])
+    assert e.value.code == 2 and "overrides go after `--`" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_dry_run_gravity2_smoke(tmp_path):
     argv = ["--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path)]
