@@ -54,7 +54,8 @@ def plot_recall(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in summary["rows"] if "recall_unhealed" in r]
-    points = sorted({(r["head_drop"], r["density_target"]) for r in rows})  # panels in density order
+    # panels in density order
+    points = sorted({(r["head_drop"], r["density_target"]) for r in rows})
     fig, axes = plt.subplots(
         1, len(points), figsize=(4.5 * len(points), 3.8), squeeze=False, sharey=True
     )
