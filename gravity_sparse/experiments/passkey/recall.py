@@ -11,8 +11,8 @@ credit, so a model or mask that cannot see the segments scores exactly the chanc
 gain is the segment's mean loss under the other contexts minus its loss under its own (nats/token), the
 size of the recall behind the accuracy.
 
-Scoring runs each context once into a KV cache and its candidates after it, batched (exact: the logits are
-those of context + candidate run whole).
+Scoring runs each context once into a KV cache and each candidate after it (exact: the logits are those
+of context + candidate run whole).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from gravity_sparse.errors import UserError
 from .passkey import FILLER, _ids
 
 TIE = 1e-6  # nats/token: losses this close count as tied
-CHUNK = 16  # candidates run together after one context (memory: CHUNK copies of its KV cache)
 
 
 def build_group(
@@ -58,36 +57,24 @@ def build_group(
 
 
 @torch.no_grad()
-def candidate_losses(
-    model: torch.nn.Module, context: torch.Tensor, candidates: torch.Tensor, chunk: int = CHUNK
-) -> torch.Tensor:
+def candidate_losses(model: torch.nn.Module, context: torch.Tensor, candidates: torch.Tensor):
     """(K,) mean loss of each candidate's tokens after its first, each appended to `context`: the context
-    runs once into a DynamicCache, which is repeated to `chunk` rows; the candidates then run `chunk` at a
-    time after it, the cache cropped back to the context between chunks (one forward per chunk instead of
-    one per candidate). On gravity-smol at 2,048 tokens on 2 CPU cores the context forward dominates: the
-    dense recall (52 trials, 3 depths) took 7:08 batched, about as long as one forward per candidate, with
-    the same counts and gains within 3e-7."""
+    runs once into a DynamicCache, each candidate after it, and the cache is cropped back to the context
+    (cheaper than copying it)."""
     from transformers import DynamicCache
 
     from gravity_sparse.model.modeling_gravity import cache_kwarg
 
     cache = DynamicCache(config=model.config)
     model(input_ids=context[None], use_cache=True, logits_to_keep=1, **cache_kwarg(cache))
-    seg, rows, out = candidates.shape[-1], min(chunk, len(candidates)), []
-    cache.batch_repeat_interleave(rows)
-    for start in range(0, len(candidates), rows):
-        part = candidates[start : start + rows]
-        if len(part) < rows:  # the last, smaller chunk
-            cache.batch_select_indices(torch.arange(len(part)))
+    seg, out = candidates.shape[-1], []
+    for cand in candidates:
         logits = model(
-            input_ids=part, use_cache=True, logits_to_keep=seg, **cache_kwarg(cache)
-        ).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), part[:, 1:], reduction="none"
-        )
-        out.append(loss.mean(1))
-        cache.crop(-seg)  # negative: remove the candidates (both transformers 4 and 5 accept it)
-    return torch.cat(out)
+            input_ids=cand[None], use_cache=True, logits_to_keep=seg, **cache_kwarg(cache)
+        ).logits[0, :-1]
+        out.append(torch.nn.functional.cross_entropy(logits.float(), cand[1:]))
+        cache.crop(-seg)  # negative: remove the candidate (both transformers 4 and 5 accept it)
+    return torch.stack(out)
 
 
 def score_group(losses: torch.Tensor, choices: int) -> tuple[torch.Tensor, torch.Tensor]:
